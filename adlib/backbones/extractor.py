@@ -1,0 +1,107 @@
+"""timm-based multi-layer feature extractor that accepts the seed's layer names.
+
+Layer names: a timm feature module name (``"layer2"``, ``"blocks.2"``) or one of the seed's
+ResNet names ``"layer1".."layer4"``, which for non-ResNet backbones map to the feature stage of
+the same stride (4, 8, 16, 32).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_SEED_LAYER_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+#: backbones whose pretrained weights expect inputs scaled with mean = std = 0.5
+_HALF_STATS_PREFIXES = ("tf_efficientnet_lite",)
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that backbone ``name`` expects for [0, 1] inputs."""
+    return HALF_STATS if name.startswith(_HALF_STATS_PREFIXES) else IMAGENET_STATS
+
+
+def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | None = None,
+                    **timm_kwargs) -> nn.Module:
+    """Build timm model ``name``; load offline weights when ``pretrained``, else a seeded random init.
+
+    Random init is seeded by a fixed value so the same architecture gives the same weights in
+    every process (a saved run reloads an identical frozen backbone).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    if pretrained:
+        from adlib.backbones.weights import load_pretrained
+
+        load_pretrained(model, name, backbone_dir)
+    else:
+        log.warning("backbone %s uses RANDOM weights (pretrained=False): results are not meaningful "
+                    "for benchmarking", name)
+    return model
+
+
+def resolve_layers(feature_info, layers: Sequence[str]) -> list[int]:
+    """Indices into timm's feature_info for the requested layer names."""
+    names = feature_info.module_name()
+    reductions = feature_info.reduction()
+    indices = []
+    for layer in layers:
+        if layer in names:
+            indices.append(names.index(layer))
+        elif layer in _SEED_LAYER_STRIDE and _SEED_LAYER_STRIDE[layer] in reductions:
+            # last stage with that stride (the deepest features at that resolution)
+            stride = _SEED_LAYER_STRIDE[layer]
+            indices.append(max(i for i, r in enumerate(reductions) if r == stride))
+        else:
+            raise ValueError(f"layer {layer!r} not available; valid layers: {names} "
+                             f"(or {sorted(_SEED_LAYER_STRIDE)} by stride)")
+    return indices
+
+
+class FeatureExtractor(nn.Module):
+    """Returns a list of feature maps, one per requested layer, shallow to deep.
+
+    ``frozen=True`` (default): eval mode forever, no gradients. ``frozen=False`` gives a
+    trainable copy (e.g. STFPM's student, built with ``pretrained=False``).
+    """
+
+    def __init__(self, name: str, layers: Sequence[str], *, pretrained: bool = True,
+                 backbone_dir: str | Path | None = None, frozen: bool = True, **timm_kwargs) -> None:
+        super().__init__()
+        self.name = name
+        self.layers = list(layers)
+        probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
+        indices = resolve_layers(probe.feature_info, self.layers)
+        del probe
+        self.model = create_backbone(name, pretrained=pretrained, backbone_dir=backbone_dir,
+                                     features_only=True, out_indices=tuple(sorted(set(indices))), **timm_kwargs)
+        order = sorted(set(indices))
+        self._pick = [order.index(i) for i in indices]
+        info = self.model.feature_info
+        self.channels = [info.channels()[j] for j in self._pick]
+        self.reductions = [info.reduction()[j] for j in self._pick]
+        self.mean, self.std = input_stats(name)
+        self.frozen = frozen
+        if frozen:
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(mode and not self.frozen)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.model(images)
+        else:
+            feats = self.model(images)
+        return [feats[j] for j in self._pick]

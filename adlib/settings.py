@@ -1,0 +1,83 @@
+"""Explicit, frozen run settings (paths, seed, workers) instead of mutable globals.
+
+Resolution order for each field: explicit argument > environment variable > config file >
+default. Environment variables: ADLIB_DATA_ROOT, ADLIB_BACKBONE_DIR, ADLIB_OUTPUT_DIR,
+ADLIB_SEED, ADLIB_NUM_WORKERS, ADLIB_DEVICE, ADLIB_SETTINGS (path of a YAML/JSON file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_ENV = {
+    "data_root": "ADLIB_DATA_ROOT",
+    "backbone_dir": "ADLIB_BACKBONE_DIR",
+    "output_dir": "ADLIB_OUTPUT_DIR",
+    "seed": "ADLIB_SEED",
+    "num_workers": "ADLIB_NUM_WORKERS",
+    "device": "ADLIB_DEVICE",
+    "cache_dir": "ADLIB_CACHE_DIR",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where data, weights and outputs live, and how runs are seeded and executed."""
+
+    data_root: Path = Path("datasets")
+    backbone_dir: Path = Path("backbones")
+    output_dir: Path = Path("outputs")
+    cache_dir: Path | None = None  # decoded-image cache; defaults to <output_dir>/.cache
+    seed: int = 42
+    num_workers: int = 0
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        for name in ("data_root", "backbone_dir", "output_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "num_workers", int(self.num_workers))
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.output_dir / ".cache"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "Settings":
+        """Build settings from a file (YAML or JSON), the environment and explicit overrides."""
+        values: dict[str, Any] = {}
+        path = path or os.environ.get("ADLIB_SETTINGS")
+        if path:
+            values.update(_read_settings_file(Path(path)))
+        for field, env in _ENV.items():
+            if env in os.environ:
+                values[field] = os.environ[env]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"unknown settings {sorted(unknown)}; valid settings are: {valid}")
+        return cls(**values)
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in {".yaml", ".yml"}:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"settings file {path} must hold a mapping of setting -> value")
+    return data
