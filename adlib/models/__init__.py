@@ -1,4 +1,5 @@
-"""Model implementations. Importing this package registers every configuration."""
+"""Model implementations. :func:`load_all` imports every model module, which registers its
+configurations; the registry calls it on first use, so importing this package stays cheap."""
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,13 @@ _MODEL_MODULES = (
     "stfpm",
 )
 
-for _module in _MODEL_MODULES:
-    importlib.import_module(f"adlib.models.{_module}")
+
+
+def load_all() -> None:
+    """Import every model module (each registers its configurations when imported)."""
+    for module in _MODEL_MODULES:
+        importlib.import_module(f"adlib.models.{module}")
+
 
 __all__ = ["AnomalyModel", "AnomalyOutput", "FitContext", "ModelSpec", "TrainDefaults",
            "create_model", "list_models", "register", "resolve_config"]

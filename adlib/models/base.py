@@ -11,8 +11,10 @@ Two ways of learning, declared by ``learns_by``:
   :meth:`training_step` per batch and steps the optimisers with the returned loss. Models with
   several optimisers or alternating updates (GANs, multi-stage training) set
   ``manual_optimization = True`` and step the optimisers they were given themselves inside
-  :meth:`training_step`, returning the (detached) loss for logging. :meth:`finalize` runs after
-  the last epoch in both modes (e.g. to fit score statistics on training data).
+  :meth:`training_step`, returning the (detached) loss for logging. A gradient model that needs
+  statistics of the training images after training (e.g. map normalisation quantiles) sets
+  ``post_fit_pass = True``: the loop then calls :meth:`collect` once per training batch (no
+  gradients, eval mode) after the last epoch. :meth:`finalize` runs last in both modes.
 
 Prediction: :meth:`predict` takes a batch of images in [0, 1] (``B x 3 x H x W``) and returns an
 :class:`AnomalyOutput` with one score per image and an anomaly map at input resolution (or
@@ -70,6 +72,7 @@ class AnomalyModel(nn.Module):
 
     learns_by: ClassVar[Literal["one_pass", "gradient"]] = "gradient"
     manual_optimization: ClassVar[bool] = False
+    post_fit_pass: ClassVar[bool] = False
     produces_maps: ClassVar[bool] = True
     #: names of sub-modules holding frozen pretrained weights (not saved, reloaded instead)
     frozen_modules: ClassVar[tuple[str, ...]] = ()
@@ -100,7 +103,8 @@ class AnomalyModel(nn.Module):
         self.fit_context = context
 
     def collect(self, images: torch.Tensor) -> None:
-        """One-pass models: accumulate features of a batch of normal training images."""
+        """Accumulate statistics of a batch of normal training images (one-pass models, or
+        gradient models with ``post_fit_pass``)."""
         raise NotImplementedError(f"{type(self).__name__} does not learn in one pass")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -32,6 +32,7 @@ class TrainDefaults:
     early_stopping_target: float | None = None  # stop once validation AUROC reaches this
     validate_every: int | None = None  # epochs between validation AUROC checks (None: never)
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainDefaults))
@@ -88,7 +89,9 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _ensure_loaded() -> None:
-    import adlib.models  # noqa: F401  (imports every model file, which registers them)
+    from adlib.models import load_all
+
+    load_all()
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -1,0 +1,56 @@
+"""Atomic writes and explicit settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adlib.io import atomic_path, read_json, sha256_file, write_json, write_text
+from adlib.settings import Settings
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-written")
+            raise RuntimeError("killed")
+    assert read_json(target) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_atomic_path_keeps_suffix_for_format_sniffing_writers(tmp_path):
+    with atomic_path(tmp_path / "plot.png") as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path
+
+
+def test_write_json_handles_numpy_and_sha256(tmp_path):
+    import numpy as np
+
+    path = write_json(tmp_path / "x.json", {"v": np.float32(0.5), "arr": np.arange(3)})
+    assert json.loads(path.read_text()) == {"v": 0.5, "arr": [0, 1, 2]}
+    write_text(tmp_path / "t.txt", "abc")
+    assert sha256_file(tmp_path / "t.txt") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_settings_precedence_file_env_override(tmp_path, monkeypatch):
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text("data_root: /from/file\nseed: 1\nnum_workers: 3\n")
+    monkeypatch.setenv("ADLIB_SEED", "5")
+    settings = Settings.load(cfg, output_dir=tmp_path / "out")
+    assert str(settings.data_root) == "/from/file"
+    assert settings.seed == 5 and settings.num_workers == 3
+    assert settings.output_dir == tmp_path / "out"
+    assert settings.resolved_cache_dir == tmp_path / "out" / ".cache"
+    with pytest.raises(Exception):
+        settings.seed = 3  # frozen: no mutable globals
+
+
+def test_settings_reject_unknown_keys_and_missing_file(tmp_path):
+    bad = tmp_path / "s.json"
+    bad.write_text('{"dataset_dir": "/x"}')
+    with pytest.raises(ValueError, match="unknown settings.*dataset_dir.*valid settings are"):
+        Settings.load(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Settings.load(tmp_path / "missing.yaml")
