@@ -130,7 +130,7 @@ def _category_name(manifest: pd.DataFrame) -> str:
 
 
 def _validation_auroc(model: AnomalyModel, loader: DataLoader, device: torch.device) -> float | None:
-    from adlib.evaluation.metrics import image_auroc
+    from adlib.evaluation import image_auroc
 
     scores, labels = [], []
     model.eval()
@@ -152,8 +152,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     fitted on the test split itself.
     """
     from adlib.data import DataError, load_manifest
-    from adlib.evaluation.metrics import image_metrics
-    from adlib.evaluation.thresholds import threshold_report
+    from adlib.evaluation import build_metrics
 
     run_dir = Path(run_dir)
     device = resolve_device(settings.device)
@@ -177,16 +176,13 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
 
     labels = test_df["label"].to_numpy()
-    metrics: dict[str, Any] = {**image_metrics(labels, test.scores), **test.pixel_metrics}
-    metrics.update(threshold_report(labels, test.scores, calib_labels, calib_scores))
+    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
     metrics.update({"inference_ms_b1": latency_ms_batch1(model, loader.dataset, device),
                     "inference_ms_batch": test.ms_per_image, "batch_size": int(tcfg["batch_size"]),
-                    "n_test": int(len(labels)), "n_normal": int((labels == 0).sum()),
-                    "n_anomalous": int((labels == 1).sum()), "device": str(device),
+                    "device": str(device),
                     "produces_maps": bool(model.produces_maps)})
     if not model.produces_maps:
-        metrics.setdefault("notes", []).append(f"{config['name']} scores whole images only: no anomaly maps, "
-                                               "no pixel metrics")
+        metrics["notes"].append(f"produces_maps: {config['name']} scores whole images only (no anomaly maps)")
 
     scores = test_df[["image_path", "category", "defect_type", "label", "split"]].copy()
     scores["score"] = test.scores
@@ -205,7 +201,8 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
 class ScoredImages:
     """Result of scoring a loader: image scores, compact maps, pixel metrics, time per image."""
 
-    def __init__(self, scores: np.ndarray, maps: np.ndarray | None, pixel_metrics: dict, ms_per_image: float):
+    def __init__(self, scores: np.ndarray, maps: np.ndarray | None, pixel_metrics: dict | None,
+                 ms_per_image: float):
         self.scores, self.maps, self.pixel_metrics, self.ms_per_image = scores, maps, pixel_metrics, ms_per_image
 
 
@@ -214,7 +211,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     """Predict every image of ``loader``; stream pixel metrics so memory stays bounded."""
     from tqdm.auto import tqdm
 
-    from adlib.evaluation.metrics import PixelMetrics
+    from adlib.evaluation import PixelMetrics
 
     pixels = PixelMetrics() if with_pixels else None
     scores, maps, model_seconds = [], [], 0.0
@@ -233,7 +230,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                 pixels.update(amap.numpy(), batch["mask"][:, 0].numpy() > 0.5)
                 maps.append(_compact(amap))
     n = sum(len(s) for s in scores)
-    pixel_metrics = pixels.compute() if pixels is not None else {"pixel_auroc": None, "pixel_aupro": None}
+    pixel_metrics = pixels.compute() if pixels is not None else None
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
                         1000.0 * model_seconds / max(n, 1))
 
@@ -280,8 +277,8 @@ def _run_title(config: dict) -> str:
 def write_pictures(run_dir: Path, config: dict, test_df: pd.DataFrame, test: ScoredImages, metrics: dict,
                    dataset) -> None:
     """The seed's results text, the score histogram, ROC/PR curves and a few overlays."""
+    from adlib.evaluation import format_results_txt
     from adlib.evaluation.plots import plot_overlay, plot_roc_pr, plot_score_histogram
-    from adlib.evaluation.thresholds import format_results_txt
 
     title = _run_title(config)
     labels = test_df["label"].to_numpy()
