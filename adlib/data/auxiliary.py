@@ -1,0 +1,58 @@
+"""Auxiliary image sets some models need, found under the data root; never downloaded.
+
+* Textures for DRAEM/DSR-style anomaly synthesis, DTD layout: ``<data_root>/dtd/images/<class>/*.jpg``
+  (Cimpoi et al., "Describing Textures in the Wild", CVPR 2014).
+* ImageNet-like images for EfficientAD's penalty loss, Imagenette layout:
+  ``<data_root>/imagenette2/train/<wnid>/*.JPEG`` (``imagenette2-320``/``-160`` work too).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adlib.data.files import is_image
+from adlib.data.manifest import DataError
+
+
+def list_aux_images(directory: str | os.PathLike) -> list[Path]:
+    """Every image in the class folders of ``directory``, sorted."""
+    return sorted(_images_in_classes(Path(directory)))
+
+
+def resolve_texture_dir(path: str | os.PathLike) -> Path:
+    """The DTD ``images`` folder, given the data root, the ``dtd`` folder or ``images`` itself."""
+    path = Path(path).expanduser()
+    return _first_with_images(
+        [path / "dtd" / "images", path / "images", path],
+        what="DTD texture images (<class>/*.jpg)",
+        fix=("download the Describable Textures Dataset (https://www.robots.ox.ac.uk/~vgg/data/dtd/, "
+             "dtd-r1.0.1.tar.gz) on a connected machine and unpack it so that "
+             f"{path / 'dtd' / 'images' / 'banded' / 'banded_0002.jpg'} exists"))
+
+
+def resolve_imagenet_dir(path: str | os.PathLike) -> Path:
+    """The Imagenette ``train`` folder, given the data root, the ``imagenette2`` folder or ``train``."""
+    path = Path(path).expanduser()
+    candidates = [path / name / "train" for name in ("imagenette2", "imagenette2-320", "imagenette2-160")]
+    return _first_with_images(
+        candidates + [path / "train", path],
+        what="ImageNet-like images (<wnid>/*.JPEG, Imagenette layout)",
+        fix=("download Imagenette (https://github.com/fastai/imagenette, imagenette2.tgz) on a connected "
+             "machine and unpack it so that "
+             f"{path / 'imagenette2' / 'train' / 'n01440764'} holds JPEG files"))
+
+
+def _first_with_images(candidates: list[Path], what: str, fix: str) -> Path:
+    for candidate in candidates:
+        if candidate.is_dir() and any(True for _ in _images_in_classes(candidate)):
+            return Path(os.path.abspath(candidate))
+    looked = "\n  ".join(str(c) for c in candidates)
+    raise DataError(f"no {what} found; looked in:\n  {looked}\nTo fix: {fix}")
+
+
+def _images_in_classes(directory: Path):
+    for sub in directory.iterdir():
+        if sub.is_dir():
+            for p in sub.iterdir():
+                if p.is_file() and is_image(p):
+                    yield p

@@ -1,0 +1,191 @@
+"""Decode once: an on-disk cache of decoded, resized uint8 images, memory-mapped.
+
+One shard per (dataset, category, image size[, crop]) of a manifest:
+
+    <cache_root>/<dataset>/<category>/<S>px[-crop<C>]/<key hash>/
+        images.npy   N x S x S x 3 uint8       masks.npy   N x S x S uint8 (0/1)
+        key.json     format, img_size, center_crop, [image, size, mtime_ns, mask, size, mtime_ns] rows
+
+The key covers every source file's path, size and modification time: a shard is reused when it
+holds every image of the manifest unchanged (so the shard of a whole category also serves its
+train-only subset), and a new one is built when a file changed or was added, or for another
+image size. A shard is built in a temporary
+folder and renamed into place under a file lock: readers never see a half-written shard, and
+two processes racing build it once. Older shards of the same size are removed after a rebuild.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock
+
+from adlib.data.files import check_name
+from adlib.data.images import load_sample
+from adlib.data.manifest import DataError, validate_manifest
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+class CacheShard:
+    """The cached images of one (dataset, category, size); arrays open lazily (per process)."""
+
+    def __init__(self, directory: Path, paths: list[str]) -> None:
+        self.directory = directory
+        self.paths = paths
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.directory / "images.npy", mmap_mode="r"),
+                            np.load(self.directory / "masks.npy", mmap_mode="r"))
+        return self._arrays
+
+    def __getstate__(self) -> dict:  # DataLoader workers re-open the memory maps themselves
+        return {**self.__dict__, "_arrays": None}
+
+
+class ImageCache:
+    """Memory-mapped decoded images for the rows of a manifest; build it with :meth:`build`."""
+
+    def __init__(self, shards: list[CacheShard], img_size: int, center_crop: int | None,
+                 built: int = 0) -> None:
+        self.shards = shards
+        self.img_size = img_size
+        self.center_crop = center_crop
+        self.built = built  # how many shards this build() call decoded (0: all reused)
+        self._where = {path: (s, row) for s, shard in enumerate(shards) for row, path in enumerate(shard.paths)}
+
+    @property
+    def size(self) -> int:
+        """Side of the cached images: ``center_crop`` or ``img_size``."""
+        return self.center_crop or self.img_size
+
+    @property
+    def directories(self) -> list[Path]:
+        return [shard.directory for shard in self.shards]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, image_path: object) -> bool:
+        return image_path in self._where
+
+    def get(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Read-only ``S x S x 3`` image and ``S x S`` mask (0/1) of one image path."""
+        try:
+            s, row = self._where[image_path]
+        except KeyError:
+            raise DataError(f"{image_path} is not in the image cache; rebuild it with "
+                            "ImageCache.build for this manifest") from None
+        images, masks = self.shards[s].arrays()
+        return images[row], masks[row]
+
+    @classmethod
+    def build(cls, manifest: pd.DataFrame, cache_root: str | os.PathLike, img_size: int,
+              center_crop: int | None = None, workers: int | None = None) -> "ImageCache":
+        """Reuse the shards whose key matches the manifest's files; decode the others."""
+        validate_manifest(manifest)
+        workers = workers or min(8, os.cpu_count() or 1)
+        shards, built = [], 0
+        for (dataset, category), group in manifest.groupby(["dataset", "category"], sort=True):
+            shard, new = _ensure_shard(group, Path(cache_root), str(dataset), str(category),
+                                       img_size, center_crop, workers)
+            shards.append(shard)
+            built += new
+        return cls(shards, img_size, center_crop, built)
+
+
+def cache_key(entries: list[tuple[str, str]], img_size: int, center_crop: int | None) -> dict:
+    """What a shard depends on: every source file's path, size and mtime, and the output size."""
+    return {"format": CACHE_FORMAT, "img_size": int(img_size),
+            "center_crop": None if center_crop is None else int(center_crop),
+            "files": [[image, *_stat(image), mask, *(_stat(mask) if mask else (0, 0))]
+                      for image, mask in entries]}
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} is listed in the manifest but does not exist; re-index the data set") from None
+    return info.st_size, info.st_mtime_ns
+
+
+def _ensure_shard(group: pd.DataFrame, cache_root: Path, dataset: str, category: str, img_size: int,
+                  center_crop: int | None, workers: int) -> tuple[CacheShard, bool]:
+    unique = group.drop_duplicates("image_path").sort_values("image_path")
+    entries = list(zip(unique["image_path"].astype(str), unique["mask_path"].astype(str)))
+    key = cache_key(entries, img_size, center_crop)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    base = (cache_root / check_name(dataset, "dataset") / check_name(category, "category")
+            / (f"{img_size}px" + (f"-crop{center_crop}" if center_crop else "")))
+    final = base / digest
+    reusable = _reusable(base, key)
+    if reusable is not None:
+        return reusable, False
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base / ".lock")):
+        reusable = _reusable(base, key)  # another process may have built it while we waited
+        if reusable is not None:
+            return reusable, False
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
+        try:
+            _decode_into(tmp, entries, img_size, center_crop, workers)
+            (tmp / "key.json").write_text(json.dumps(key), encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)  # an unreadable shard of the same name
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in base.iterdir():  # earlier versions and leftovers of killed builds
+            if old.is_dir() and old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    log.info("built image cache %s: %d images in %.1f s", final, len(entries), time.perf_counter() - start)
+    return CacheShard(final, [image for image, _ in entries]), True
+
+
+def _reusable(base: Path, key: dict) -> CacheShard | None:
+    """A complete shard under ``base`` with the same settings holding every wanted file unchanged
+    (a shard of the whole category also serves its train-only or test-only subsets)."""
+    if not base.is_dir():
+        return None
+    wanted = {tuple(row) for row in key["files"]}
+    for directory in sorted(base.iterdir()):
+        if directory.name.startswith("."):  # the lock file and builds in progress
+            continue
+        try:
+            stored = json.loads((directory / "key.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a shard, or one still being built
+        files = [tuple(row) for row in stored.pop("files")]
+        if stored == {k: v for k, v in key.items() if k != "files"} and wanted <= set(files):
+            return CacheShard(directory, [row[0] for row in files])
+    return None
+
+
+def _decode_into(directory: Path, entries: list[tuple[str, str]], img_size: int,
+                 center_crop: int | None, workers: int) -> None:
+    side = center_crop or img_size
+    images = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(len(entries), side, side, 3))
+    masks = np.lib.format.open_memmap(directory / "masks.npy", mode="w+", dtype=np.uint8,
+                                      shape=(len(entries), side, side))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        samples = pool.map(lambda entry: load_sample(entry[0], entry[1], img_size, center_crop), entries)
+        for row, (image, mask) in enumerate(samples):
+            images[row] = image
+            masks[row] = mask
+    images.flush()
+    masks.flush()
+    del images, masks

@@ -1,0 +1,46 @@
+"""Seeded splits: normal images into train/test, and a calibration set carved from the test set."""
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from adlib.data.manifest import sort_manifest
+
+T = TypeVar("T")
+
+
+def split_normals(items: Sequence[T], train_ratio: float, seed: int) -> tuple[list[T], list[T]]:
+    """Shuffle ``items`` (sorted first, so the input order does not matter) with ``seed`` and
+    put ``round(train_ratio * n)`` of them in train, the rest in test."""
+    if not 0.0 < train_ratio <= 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+    items = sorted(items)
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_train = int(round(train_ratio * len(items)))
+    train = sorted(items[i] for i in order[:n_train])
+    test = sorted(items[i] for i in order[n_train:])
+    return train, test
+
+
+def carve_calibration(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Move a seeded, stratified ``fraction`` of each category's test images to "calibration".
+
+    Stratified by (dataset, category, label): normals and anomalies are both drawn, at least one
+    of each class that has two or more test images, so the test set keeps both classes too.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return df
+    df = df.copy()
+    rng = np.random.default_rng(seed)
+    test = df[df["split"] == "test"]
+    for _, group in test.groupby(["dataset", "category", "label"], sort=True):
+        n = len(group)
+        take = min(max(int(round(fraction * n)), 1 if n >= 2 else 0), n - 1)
+        if take > 0:
+            chosen = rng.choice(np.sort(group.index.to_numpy()), size=take, replace=False)
+            df.loc[chosen, "split"] = "calibration"
+    return sort_manifest(df)
