@@ -207,8 +207,9 @@ class ScoredImages:
 
 
 def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, *, with_pixels: bool,
-                 progress: bool = True) -> ScoredImages:
-    """Predict every image of ``loader``; stream pixel metrics so memory stays bounded."""
+                 keep_maps: bool = True, progress: bool = True) -> ScoredImages:
+    """Predict every image of ``loader``; stream pixel metrics (against the loader's masks) so
+    memory stays bounded; keep compact maps (see :func:`_compact`) when ``keep_maps``."""
     from tqdm.auto import tqdm
 
     from adlib.evaluation import PixelMetrics
@@ -225,10 +226,12 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                 torch.cuda.synchronize(device)
             model_seconds += time.perf_counter() - start
             scores.append(out.scores.float().cpu().numpy())
-            if pixels is not None and out.maps is not None:
+            if out.maps is not None:
                 amap = out.maps.float().cpu()
-                pixels.update(amap.numpy(), batch["mask"][:, 0].numpy() > 0.5)
-                maps.append(_compact(amap))
+                if pixels is not None:
+                    pixels.update(amap.numpy(), batch["mask"][:, 0].numpy() > 0.5)
+                if keep_maps:
+                    maps.append(_compact(amap))
     n = sum(len(s) for s in scores)
     pixel_metrics = pixels.compute() if pixels is not None else None
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
@@ -291,17 +294,26 @@ def write_pictures(run_dir: Path, config: dict, test_df: pd.DataFrame, test: Sco
     threshold = _overlay_threshold(test.maps, labels)
     for label in (0, 1):
         for index in np.flatnonzero(labels == label)[:OVERLAYS_PER_CLASS]:
-            item = dataset[int(index)]
-            image = (item["image"].permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
-            mask = item["mask"][0].numpy() if label == 1 else None
-            amap = torch.from_numpy(test.maps[index].astype(np.float32))[None, None]
-            amap = torch.nn.functional.interpolate(amap, size=image.shape[:2], mode="bilinear",
-                                                   align_corners=False)[0, 0].numpy()
             kind = "anomalous" if label else "normal"
-            stem = Path(str(test_df["image_path"].iloc[index])).stem
-            plot_overlay(image, mask, amap, threshold,
-                         run_dir / "overlays" / f"image_{title}_{kind}_{index:04d}_{stem}.png",
+            image, amap, mask = _overlay_inputs(dataset, int(index), test.maps[index])
+            plot_overlay(image, mask if label == 1 else None, amap, threshold,
+                         run_dir / "overlays" / f"image_{title}_{kind}_{_picture_name(dataset, int(index))}",
                          f"{title} {kind} score={test.scores[index]:.3g}")
+
+
+def _overlay_inputs(dataset, index: int, compact_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 image, map at image size, mask) of one data set item for an overlay picture."""
+    item = dataset[index]
+    image = (item["image"].permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
+    amap = torch.from_numpy(compact_map.astype(np.float32))[None, None]
+    amap = torch.nn.functional.interpolate(amap, size=image.shape[:2], mode="bilinear", align_corners=False)
+    return image, amap[0, 0].numpy(), item["mask"][0].numpy()
+
+
+def _picture_name(dataset, index: int) -> str:
+    """Unique, readable picture name: index, defect folder and file stem."""
+    path = Path(dataset.manifest["image_path"].iloc[index])
+    return f"{index:04d}_{path.parent.name}_{path.stem}.png"
 
 
 def _overlay_threshold(maps: np.ndarray, labels: np.ndarray) -> float:
@@ -354,24 +366,21 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     threshold = decision_threshold(read_json(run_dir / artifacts.METRICS), threshold_method)
     paths = collect_images(images)
     manifest = pd.DataFrame({"dataset": "predict", "category": config["category"], "split": "test",
-                             "image_path": [str(p) for p in paths], "mask_path": "", "label": -1,
+                             "image_path": [str(p) for p in paths], "mask_path": "", "label": 0,  # unknown; unused
                              "defect_type": "unknown"})
     size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
     dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
     loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
-    scored = score_images(model, loader, device, with_pixels=False, progress=False)
+    scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
+                          progress=False)
     table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
                           "threshold": threshold, "threshold_method": threshold_method,
                           "anomalous": scored.scores >= threshold})
     with atomic_path(Path(out_csv)) as tmp:
         table.to_csv(tmp, index=False)
-    if overlay_dir is not None and model.produces_maps:
-        with torch.no_grad():
-            for index in range(len(dataset)):
-                item = dataset[index]
-                out = model.predict(item["image"][None].to(device))
-                image = (item["image"].permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
-                plot_overlay(image, None, out.maps[0].float().cpu().numpy(), None,
-                             Path(overlay_dir) / f"{Path(item['path']).stem}.png",
-                             f"score={float(out.scores[0]):.3g} threshold={threshold:.3g}")
+    if overlay_dir is not None and scored.maps is not None:
+        for index in range(len(dataset)):
+            image, amap, _ = _overlay_inputs(dataset, index, scored.maps[index])
+            plot_overlay(image, None, amap, None, Path(overlay_dir) / _picture_name(dataset, index),
+                         f"score={scored.scores[index]:.3g} threshold={threshold:.3g}")
     return table

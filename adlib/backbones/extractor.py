@@ -21,6 +21,8 @@ _SEED_LAYER_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 _HALF_STATS_PREFIXES = ("tf_efficientnet_lite",)
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+#: provenance "source" of a backbone built with pretrained=False
+RANDOM_SOURCE = "random-init (seed 0)"
 
 
 def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -33,7 +35,8 @@ def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | N
     """Build timm model ``name``; load offline weights when ``pretrained``, else a seeded random init.
 
     Random init is seeded by a fixed value so the same architecture gives the same weights in
-    every process (a saved run reloads an identical frozen backbone).
+    every process (a saved run reloads an identical frozen backbone). Where the weights came
+    from is kept in ``model.weights_provenance`` ({"backbone", "source", "sha256", ...}).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -41,10 +44,12 @@ def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | N
     if pretrained:
         from adlib.backbones.weights import load_pretrained
 
-        load_pretrained(model, name, backbone_dir)
+        provenance = load_pretrained(model, name, backbone_dir, **timm_kwargs)
     else:
         log.warning("backbone %s uses RANDOM weights (pretrained=False): results are not meaningful "
                     "for benchmarking", name)
+        provenance = {"backbone": name, "source": RANDOM_SOURCE, "sha256": None, "format": None}
+    model.weights_provenance = provenance
     return model
 
 
@@ -89,6 +94,7 @@ class FeatureExtractor(nn.Module):
         self.channels = [info.channels()[j] for j in self._pick]
         self.reductions = [info.reduction()[j] for j in self._pick]
         self.mean, self.std = input_stats(name)
+        self.weights_provenance = self.model.weights_provenance
         self.frozen = frozen
         if frozen:
             self.model.eval()

@@ -1,0 +1,134 @@
+"""`adlib backbones list|verify|checksum|where` (argparse sub-commands for the main CLI).
+
+The main CLI calls :func:`add_backbone_commands` on its sub-parsers; each command sets
+``func(args) -> exit code``. ``python -m adlib.backbones.cli ...`` runs them stand-alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from adlib.backbones.catalog import candidate_files, catalog_entry
+from adlib.backbones.inventory import ManifestError, list_backbones, verify_backbones, write_checksums
+from adlib.backbones.weights import MissingWeightsError, missing_message, resolve_weights
+
+
+def _backbone_dir(args: argparse.Namespace) -> Path:
+    if args.backbone_dir is not None:
+        return Path(args.backbone_dir)
+    from adlib.settings import Settings
+
+    return Settings.load().backbone_dir
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = list_backbones(_backbone_dir(args))
+    if args.missing:
+        rows = [r for r in rows if not r["present"]]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"backbone directory: {_backbone_dir(args).resolve()}")
+    width = max((len(r["name"]) for r in rows), default=10)
+    for r in rows:
+        state = f"{r['kind']:<7}" if r["present"] else "MISSING"
+        where = r["source"] if r["present"] else f"expected {r['expected']}"
+        print(f"{r['name']:<{width}}  {state}  {_size(r['size']):>11}  {where}")
+        if args.fetch and r["fetch"]:
+            print(f"{'':<{width}}  fetch: {r['fetch']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        rows = verify_backbones(_backbone_dir(args), args.manifest)
+    except (ManifestError, MissingWeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['status']:<9} {r['path']}")
+    bad = [r for r in rows if r["status"] in ("mismatch", "missing")]
+    if not args.json:
+        print(f"{len(rows) - len(bad)} ok/unlisted, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def cmd_checksum(args: argparse.Namespace) -> int:
+    try:
+        path = write_checksums(_backbone_dir(args), args.manifest)
+    except MissingWeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_where(args: argparse.Namespace) -> int:
+    backbone_dir = _backbone_dir(args)
+    try:
+        source = resolve_weights(args.name, backbone_dir)
+    except MissingWeightsError:
+        print(missing_message(args.name, backbone_dir))
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {source.package + ' ' if source.package else ''}{source.path}")
+    print("accepted names:", ", ".join(candidate_files(args.name)))
+    print("fetch:", catalog_entry(args.name).fetch)
+    return 0
+
+
+def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``backbones`` with list / verify / checksum / where to a parser's sub-parsers."""
+    parser = subparsers.add_parser("backbones", help="offline backbone weights: list, verify, checksum, where",
+                                   description="Offline backbone weights (nothing is ever downloaded).")
+    sub = parser.add_subparsers(dest="backbones_command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backbone-dir", default=None,
+                       help="backbone directory (default: settings / ADLIB_BACKBONE_DIR / ./backbones)")
+
+    p = sub.add_parser("list", help="catalog backbones and weight files, present or missing")
+    common(p)
+    p.add_argument("--missing", action="store_true", help="only missing backbones")
+    p.add_argument("--fetch", action="store_true", help="show the fetch command for missing ones")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("verify", help="check sha256 sums against a manifest (exit 1 on mismatch/missing)")
+    common(p)
+    p.add_argument("--manifest", default=None, help="manifest (default <dir>/SHA256SUMS.json or SHA256SUMS)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("checksum", help="write <dir>/SHA256SUMS.json for every weight file")
+    common(p)
+    p.add_argument("--manifest", default=None, help="where to write (default <dir>/SHA256SUMS.json)")
+    p.set_defaults(func=cmd_checksum)
+
+    p = sub.add_parser("where", help="which file a backbone resolves to, or what to fetch")
+    common(p)
+    p.add_argument("name", help="timm name or catalog name, e.g. wide_resnet50_2")
+    p.set_defaults(func=cmd_where)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adlib")
+    add_backbone_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

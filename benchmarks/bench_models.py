@@ -1,0 +1,145 @@
+"""Benchmark registered models on a real data set against the bare backbone forward ("floor").
+
+Default: PaDiM, PatchCore (coreset 0.1) and STFPM on ../shared/data/magnetic_tile with the
+pip-installed EfficientNet-Lite0 at 256 px, on the CPU. Each model runs in its own process so
+peak RSS is its own. Prints one table row per model:
+
+  fit s | test s | ms/img b1 | ms/img bN | peak RSS MiB | image AUROC | pixel AUROC | AUPRO |
+  (fit+test)/floor
+
+    python benchmarks/bench_models.py                       # issue 3 set
+    python benchmarks/bench_models.py --models dfkde dfm fastflow-resnet18 draem autoencoder \
+        --set fastflow-resnet18:num_epochs=2 --set draem:num_epochs=1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Train + evaluate one model in this process; print its numbers as JSON."""
+    from adlib.pipeline import evaluate_run, train_run
+    from adlib.settings import Settings
+
+    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0)
+    overrides = json.loads(args.overrides)
+    run_dir = Path(args.out) / args.worker
+    train_run(args.manifest, args.worker, overrides, run_dir, settings, cache_root=args.cache, progress=False)
+    start = time.perf_counter()
+    evaluate_run(run_dir, args.manifest, settings, cache_root=args.cache, progress=False)
+    eval_seconds = time.perf_counter() - start
+    fit_report = json.loads((run_dir / "fit.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(json.dumps({"fit": fit_report, "metrics": metrics, "eval_seconds": eval_seconds}))
+
+
+def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str], img_size: int, batch: int) -> float:
+    """Seconds of the bare frozen backbone forward over every train and test image (batch ``batch``)."""
+    import torch
+
+    from adlib.backbones import FeatureExtractor
+    from adlib.data import ImageCache, ImageDataset, load_manifest
+
+    frame = load_manifest(manifest)
+    frame = frame[frame["split"].isin(["train", "test"])].reset_index(drop=True)
+    dataset = ImageDataset(frame, img_size, cache=ImageCache.build(frame, cache, img_size))
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    extractor = FeatureExtractor(backbone, layers, pretrained=True)
+    with torch.no_grad():
+        extractor(images[:batch])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(images), batch):
+            extractor(images[i:i + batch])
+    return time.perf_counter() - start
+
+
+def _parse_sets(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        model, _, pair = item.partition(":")
+        key, _, value = pair.partition("=")
+        out.setdefault(model, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["padim", "patchcore", "stfpm"])
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
+    parser.add_argument("--category", default="magnetic_tile")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--set", action="append", default=["stfpm:num_epochs=3"],
+                        help="MODEL:KEY=VALUE override (repeatable); default stfpm:num_epochs=3")
+    parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"],
+                        help="models that have no backbone option")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return _worker(args)
+
+    from adlib.models.registry import get_spec
+    from adlib.pipeline import prepare_data
+
+    root = Path(args.data_root)
+    if not (root / args.category).is_dir():
+        sys.exit(f"data set not found: {root / args.category} (this benchmark needs ../shared/data)")
+    work = Path(tempfile.mkdtemp(prefix="adlib-bench-"))
+    manifest, cache = work / "manifest.parquet", work / "cache"
+    start = time.perf_counter()
+    prepare_data({"name": "bench", "layout": "mvtec", "root": str(root)}, args.category, args.img_size, manifest, cache)
+    print(f"prepare (index + decode cache): {time.perf_counter() - start:.1f} s   work dir {work}")
+    sets = _parse_sets(args.set)
+
+    rows = []
+    for model in args.models:
+        overrides = {"img_size": args.img_size, **sets.get(model, {})}
+        if "backbone" in get_spec(model).model_defaults and model not in args.no_backbone_override:
+            overrides["backbone"] = args.backbone
+        layers = get_spec(model).model_defaults.get("layers", ["layer2", "layer3"])
+        cmd = [sys.executable, __file__, "--worker", model, "--manifest", str(manifest), "--cache", str(cache),
+               "--out", str(work / "runs"), "--overrides", json.dumps(overrides), "--data-root", str(root)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"{model}: FAILED\n{result.stderr[-3000:]}")
+            continue
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+        floor = backbone_floor(manifest, cache, overrides.get("backbone", args.backbone), list(layers),
+                               args.img_size, int(data["metrics"]["batch_size"])) \
+            if "backbone" in overrides else None
+        rows.append((model, overrides, data, floor))
+
+    header = (f"{'model':22s} {'fit s':>7s} {'test s':>7s} {'ms b1':>7s} {'ms bN':>7s} {'RSS MiB':>8s} "
+              f"{'img AUROC':>9s} {'px AUROC':>8s} {'AUPRO':>6s} {'floor s':>7s} {'ratio':>6s}")
+    print(header)
+    print("-" * len(header))
+    for model, overrides, data, floor in rows:
+        m, f = data["metrics"], data["fit"]
+        test_s = m["inference_ms_batch"] * m["n_test"] / 1000.0
+        ratio = (f["fit_seconds"] + test_s) / floor if floor else None
+        fmt = lambda v, spec: format(v, spec) if v is not None else "n/a"  # noqa: E731
+        print(f"{model:22s} {f['fit_seconds']:7.1f} {test_s:7.1f} {m['inference_ms_b1']:7.1f} "
+              f"{m['inference_ms_batch']:7.1f} {f['peak_rss_mb']:8.0f} {fmt(m['image_auroc'], '9.3f')} "
+              f"{fmt(m['pixel_auroc'], '8.3f')} {fmt(m['pixel_aupro'], '6.3f')} {fmt(floor, '7.1f')} "
+              f"{fmt(ratio, '6.2f')}")
+    for model, overrides, data, _ in rows:
+        print(f"  {model}: overrides {overrides}; epochs run {data['fit']['epochs_run']}")
+
+
+if __name__ == "__main__":
+    main()
