@@ -12,6 +12,11 @@ _MODEL_MODULES = (
     "padim",
     "patchcore",
     "stfpm",
+    "dfkde",
+    "dfm",
+    "fastflow",
+    "draem",
+    "autoencoder",
 )
 
 
