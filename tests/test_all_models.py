@@ -20,6 +20,8 @@ IMG = 64
 #: per-pattern overrides that shrink a configuration for a CPU smoke test
 SMOKE_OVERRIDES = {
     "*": {"img_size": IMG, "batch_size": 4, "max_steps": 2},
+    "draem": {"base_width": 8, "disc_base_width": 8},
+    "autoencoder": {"channels": [4, 8, 8, 8]},
 }
 
 

@@ -1,0 +1,50 @@
+"""Turning multi-layer backbone feature maps into per-position embeddings."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest") -> torch.Tensor:
+    """Resize every map to the largest spatial size among them and concatenate channels.
+
+    ``maps``: ``[B, C_i, h_i, w_i]`` tensors. Returns ``[B, sum C_i, H, W]`` (channels in the
+    given order). ``mode`` is the interpolation used for the smaller (deeper) maps.
+    """
+    if not maps:
+        raise ValueError("concat_feature_maps needs at least one feature map")
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    resized = [m if m.shape[-2:] == size else _resize(m, size, mode) for m in maps]
+    return torch.cat(resized, dim=1)
+
+
+def _resize(fmap: torch.Tensor, size: torch.Size, mode: str) -> torch.Tensor:
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(fmap, size=size, mode=mode, align_corners=False)
+    return F.interpolate(fmap, size=size, mode=mode)
+
+
+def local_patch_average(fmap: torch.Tensor, patch_size: int = 3) -> torch.Tensor:
+    """Average every position with its ``patch_size x patch_size`` neighbourhood (PatchCore's
+    locally aware patch features); zero padding keeps the spatial size."""
+    if patch_size <= 1:
+        return fmap
+    return F.avg_pool2d(fmap, kernel_size=patch_size, stride=1, padding=patch_size // 2)
+
+
+def reduce_channels(embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling over the channel axis of ``[B, C, h, w]`` down to ``dim`` channels."""
+    b, c, h, w = embedding.shape
+    if dim >= c:
+        return embedding
+    flat = embedding.permute(0, 2, 3, 1).reshape(-1, 1, c)
+    pooled = F.adaptive_avg_pool1d(flat, dim)
+    return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+def to_patch_rows(embedding: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B * h * w, C]`` (image-major, then row-major positions)."""
+    b, c, h, w = embedding.shape
+    return embedding.permute(0, 2, 3, 1).reshape(b * h * w, c)

@@ -1,0 +1,70 @@
+"""Per-position multivariate Gaussians (PaDiM) fitted from streamed batches, and the
+Mahalanobis distance to them."""
+from __future__ import annotations
+
+import torch
+
+
+class PositionGaussianAccumulator:
+    """Running sums for one Gaussian per spatial position, in bounded memory.
+
+    Feed ``[B, P, D]`` batches (``P`` positions, ``D`` features) with :meth:`add`; memory is
+    ``P x D x D`` floats whatever the number of images. Sums are taken around a shift (the
+    first batch's mean), which keeps the one-pass covariance accurate even in float32; the
+    final statistics are computed in float64.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._shift: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+
+    def add(self, features: torch.Tensor) -> None:
+        if features.ndim != 3:
+            raise ValueError(f"expected [B, P, D] features, got shape {tuple(features.shape)}")
+        x = features.float()
+        if self._shift is None:
+            self._shift = x.mean(dim=0)
+            p, d = self._shift.shape
+            self._sum = torch.zeros(p, d, device=x.device)
+            self._outer = torch.zeros(p, d, d, device=x.device)
+        elif x.shape[1:] != self._shift.shape:
+            raise ValueError(f"feature shape {tuple(x.shape[1:])} differs from the first batch's "
+                             f"{tuple(self._shift.shape)}: all training images must have the same size")
+        centred = (x - self._shift).transpose(0, 1)  # [P, B, D]
+        self._sum += centred.sum(dim=1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            self._outer.baddbmm_(centred.transpose(1, 2), centred)
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """``[P, D]`` mean (float32)."""
+        self._require(1)
+        return (self._shift.double() + self._sum.double() / self.count).float()
+
+    def covariance(self, eps: float = 0.0) -> torch.Tensor:
+        """``[P, D, D]`` unbiased covariance plus ``eps * I`` (float64)."""
+        self._require(2)
+        mean_shifted = self._sum.double() / self.count
+        cov = (self._outer.double() - self.count * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)) / (self.count - 1)
+        if eps:
+            cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return cov
+
+    def inverse_covariance(self, eps: float) -> torch.Tensor:
+        """``[P, D, D]`` inverse of the regularised covariance (float32)."""
+        return torch.linalg.inv(self.covariance(eps)).float().contiguous()
+
+    def _require(self, minimum: int) -> None:
+        if self.count < minimum:
+            raise ValueError(f"need at least {minimum} training image(s) to fit the Gaussians, got {self.count}")
+
+
+def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of ``[B, P, D]`` features to per-position Gaussians -> ``[B, P]``
+    (float32, also inside an autocast region)."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        delta = (features.float() - mean.float()).transpose(0, 1)  # [P, B, D]
+        weighted = torch.bmm(delta, inv_covariance.float())  # [P, B, D]
+        return (weighted * delta).sum(-1).clamp_(min=0.0).sqrt_().transpose(0, 1)

@@ -1,0 +1,91 @@
+"""STFPM through the gradient-model contract."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from adlib.models import create_model, resolve_config
+from adlib.models.stfpm import feature_discrepancy
+
+BACKBONE = "resnet10t"
+IMAGES = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+
+
+def train_steps(model, steps: int) -> list[float]:
+    (optimizer,) = model.configure_optimizers()
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model.training_step(IMAGES)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = create_model("stfpm", backbone=BACKBONE, pretrained=False, lr=0.05)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    losses = train_steps(model, 6)
+    return model.eval(), losses, teacher_before
+
+
+def test_stfpm_defaults_follow_the_paper():
+    cfg = resolve_config("stfpm")
+    assert cfg.model["backbone"] == "resnet18" and cfg.model["layers"] == ["layer1", "layer2", "layer3"]
+    assert (cfg.model["lr"], cfg.model["momentum"], cfg.model["weight_decay"]) == (0.4, 0.9, 1e-4)
+    assert cfg.train["num_epochs"] == 100 and cfg.train["batch_size"] == 32
+    optimizer = create_model("stfpm", backbone=BACKBONE, pretrained=False).configure_optimizers()[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.4
+
+
+def test_student_starts_different_from_a_random_teacher():
+    model = create_model("stfpm", backbone=BACKBONE, pretrained=False)
+    t, s = model.teacher.state_dict(), model.student.state_dict()
+    assert any(not torch.equal(t[k], s[k]) for k in t if k.endswith("weight"))
+    assert model.training_step(IMAGES).item() > 0.01
+
+
+def test_loss_is_half_squared_distance_of_normalised_features():
+    model = create_model("stfpm", backbone=BACKBONE, pretrained=False).eval()
+    with torch.no_grad():
+        x = model.normalize_input(IMAGES)
+        teacher, student = model.teacher(x), model.student(x)
+        want = sum(0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1).mean()
+                   for t, s in zip(teacher, student))
+        assert model.training_step(IMAGES).item() == pytest.approx(want.item(), rel=1e-5)
+    a = torch.tensor([[[[3.0]], [[4.0]]]])  # unit vector (0.6, 0.8) at one position
+    b = torch.tensor([[[[-4.0]], [[3.0]]]])  # orthogonal unit vector
+    assert feature_discrepancy(a, b).item() == pytest.approx(1.0)
+    assert feature_discrepancy(a, 2 * a).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_training_lowers_the_loss_and_leaves_the_teacher_alone(trained):
+    model, losses, teacher_before = trained
+    assert losses[-1] < losses[0]
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+
+
+def test_stfpm_predicts_product_maps_at_input_size(trained):
+    model, _, _ = trained
+    out = model.predict(IMAGES[:2])
+    assert out.scores.shape == (2,) and out.maps.shape == (2, 48, 48)
+    assert (out.maps >= 0).all()
+    torch.testing.assert_close(out.scores, out.maps.flatten(1).amax(1))
+
+
+def test_stfpm_save_load_keeps_the_student_only(trained, tmp_path):
+    model, _, _ = trained
+    state = model.saved_state()
+    assert state and all(k.startswith("student.") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    fresh = create_model("stfpm", backbone=BACKBONE, pretrained=False, lr=0.05)
+    fresh.load_saved_state(load_file(tmp_path / "model.safetensors"))
+    fresh.eval()
+    a, b = model.predict(IMAGES), fresh.predict(IMAGES)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
