@@ -112,12 +112,22 @@ def train_run(manifest_path: str | Path, model_name: str, overrides: dict[str, A
                  early_stopping_target=tcfg.get("early_stopping_target"), progress=progress)
     cfg = artifacts.run_config(config, dataset=dataset, category=category, seed=settings.seed, pretrained=pretrained)
     artifacts.save_model(run_dir, model, cfg)
-    extra = {"backbone": config.model.get("backbone"),
+    extra = {"backbone": config.model.get("backbone"), "backbone_weights": _weights_provenance(model),
              "synthesis_source": getattr(model, "synthesis_source", None)}
     write_json(run_dir / artifacts.PROVENANCE, artifacts.provenance(cfg, device=device, extra=extra))
     write_json(run_dir / artifacts.FIT, {**report.to_dict(), "num_parameters": model.num_parameters(),
                                          "num_train_images": len(train_df)})
     return run_dir
+
+
+def _weights_provenance(model: AnomalyModel) -> list[dict]:
+    """Where each pretrained (or random-init) backbone of ``model`` got its weights."""
+    seen: dict[str, dict] = {}
+    for module in model.modules():
+        info = getattr(module, "weights_provenance", None)
+        if info:
+            seen.setdefault(f"{info.get('backbone')}:{info.get('source')}", info)
+    return list(seen.values())
 
 
 def _opt_path(path: str | Path | None) -> Path | None:

@@ -31,7 +31,7 @@ def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | None = None,
-                    **timm_kwargs) -> nn.Module:
+                    warn_random: bool = True, **timm_kwargs) -> nn.Module:
     """Build timm model ``name``; load offline weights when ``pretrained``, else a seeded random init.
 
     Random init is seeded by a fixed value so the same architecture gives the same weights in
@@ -46,8 +46,9 @@ def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | N
 
         provenance = load_pretrained(model, name, backbone_dir, **timm_kwargs)
     else:
-        log.warning("backbone %s uses RANDOM weights (pretrained=False): results are not meaningful "
-                    "for benchmarking", name)
+        if warn_random:  # a random *frozen* backbone is the suspicious case; a trainable one is not
+                log.warning("backbone %s uses RANDOM weights (pretrained=False): results are not meaningful "
+                        "for benchmarking", name)
         provenance = {"backbone": name, "source": RANDOM_SOURCE, "sha256": None, "format": None}
     model.weights_provenance = provenance
     return model
@@ -86,7 +87,7 @@ class FeatureExtractor(nn.Module):
         probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
         indices = resolve_layers(probe.feature_info, self.layers)
         del probe
-        self.model = create_backbone(name, pretrained=pretrained, backbone_dir=backbone_dir,
+        self.model = create_backbone(name, pretrained=pretrained, backbone_dir=backbone_dir, warn_random=frozen,
                                      features_only=True, out_indices=tuple(sorted(set(indices))), **timm_kwargs)
         order = sorted(set(indices))
         self._pick = [order.index(i) for i in indices]
