@@ -40,6 +40,7 @@ def prepare_data(dataset_cfg: dict, category: str, img_size: int, manifest_out: 
     from adlib.data import ImageCache, index_dataset, save_manifest
 
     options = dict(dataset_cfg.get("options") or {})
+    seed = options.pop("seed", seed)  # a layout's own seed option (synthetic, custom split) wins
     manifest = index_dataset(dataset_cfg["layout"], dataset_cfg["root"], category, dataset=dataset_cfg["name"],
                              calibration_fraction=calibration_fraction, seed=seed, **options)
     ImageCache.build(manifest, Path(cache_root), img_size)
@@ -58,6 +59,14 @@ def _loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: Path | None, se
     return DataLoader(dataset, batch_size=batch_size or int(train_cfg["batch_size"]), shuffle=shuffle,
                       drop_last=drop_last, num_workers=settings.num_workers, generator=generator,
                       pin_memory=False, persistent_workers=False)
+
+
+def job_device(settings: Settings) -> torch.device:
+    """The device of this job. On a box with several GPUs this process first claims a free one
+    (a file lock held until the process ends, see :mod:`adlib.devices`); elsewhere a no-op."""
+    from adlib.devices import acquire_device
+
+    return resolve_device(acquire_device(settings.device).device)
 
 
 def _split(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -90,7 +99,7 @@ def train_run(manifest_path: str | Path, model_name: str, overrides: dict[str, A
         raise DataError(f"manifest {manifest_path} has no training images: a model needs normal images "
                         "in the train split")
     dataset, category = str(manifest["dataset"].iloc[0]), _category_name(manifest)
-    device = resolve_device(settings.device)
+    device = job_device(settings)
     tcfg = config.train
     model: AnomalyModel = build_model(config, pretrained=pretrained, backbone_dir=settings.backbone_dir)
     drop_last = model.learns_by == "gradient" and len(train_df) > int(tcfg["batch_size"])
@@ -165,7 +174,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     from adlib.evaluation import build_metrics
 
     run_dir = Path(run_dir)
-    device = resolve_device(settings.device)
+    device = job_device(settings)
     model, config = artifacts.load_model(run_dir, backbone_dir=settings.backbone_dir, device=device)
     manifest = load_manifest(Path(manifest_path))
     test_df = _split(manifest, "test")
@@ -371,7 +380,7 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     from adlib.io import read_json
 
     run_dir = Path(run_dir)
-    device = resolve_device(settings.device)
+    device = job_device(settings)
     model, config = artifacts.load_model(run_dir, backbone_dir=settings.backbone_dir, device=device)
     threshold = decision_threshold(read_json(run_dir / artifacts.METRICS), threshold_method)
     paths = collect_images(images)
