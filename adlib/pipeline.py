@@ -163,8 +163,11 @@ def _validation_auroc(model: AnomalyModel, loader: DataLoader, device: torch.dev
 # ----------------------------------------------------------------------------------------------
 # evaluate
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Settings, *,
-                 cache_root: str | Path | None = None, calibration: str = "test", progress: bool = True) -> Path:
+                 cache_root: str | Path | None = None, calibration: str = "test", progress: bool = True,
+                 title: str | None = None) -> Path:
     """Score the test split with a trained run; write scores, maps, metrics, thresholds and pictures.
+
+    Picture and results-text names carry ``title`` (default ``<dataset>_<category>_<model>``).
 
     ``calibration="calibration"`` also fits the thresholds on the manifest's calibration split
     and reports them applied to the test split ("transferred"), beside the oracle thresholds
@@ -213,7 +216,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     if test.maps is not None:
         _write_maps(run_dir / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
     write_json(run_dir / artifacts.METRICS, metrics)
-    write_pictures(run_dir, config, test_df, test, metrics, loader.dataset)
+    write_pictures(run_dir, title or _run_title(config), test_df, test, metrics, loader.dataset)
     return run_dir
 
 
@@ -296,13 +299,12 @@ def _run_title(config: dict) -> str:
     return f"{config['dataset']}_{config['category']}_{config['name']}"
 
 
-def write_pictures(run_dir: Path, config: dict, test_df: pd.DataFrame, test: ScoredImages, metrics: dict,
+def write_pictures(run_dir: Path, title: str, test_df: pd.DataFrame, test: ScoredImages, metrics: dict,
                    dataset) -> None:
     """The seed's results text, the score histogram, ROC/PR curves and a few overlays."""
     from adlib.evaluation import format_results_txt
     from adlib.evaluation.plots import plot_overlay, plot_roc_pr, plot_score_histogram
 
-    title = _run_title(config)
     labels = test_df["label"].to_numpy()
     write_text(run_dir / f"results_{title}_thresholds.txt", format_results_txt(metrics, title))
     thresholds = {k: v["threshold"] for k, v in (metrics.get("thresholds") or {}).items() if v}

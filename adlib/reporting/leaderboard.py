@@ -1,0 +1,161 @@
+"""Leaderboard (one row per run), per-model summary and per-category ranks, from per-run files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from adlib.io import atomic_path
+from adlib.reporting.runs import RUN_KEYS, THRESHOLD_METHODS, read_run_json, run_identity
+
+#: metrics a ranking can use (higher is better for all of them)
+RANK_METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
+#: numeric leaderboard columns summarised per model (mean and std over categories and seeds)
+SUMMARY_COLUMNS = (*RANK_METRICS, "fit_seconds", "inference_ms_b1", "inference_ms_batch", "peak_rss_mb",
+                   "peak_cuda_mb")
+_PROVENANCE = ("device", "gpu", "cpu", "hostname", "adlib_version", "torch_version", "timm_version", "python",
+               "git_commit", "config_hash", "random_backbone", "created")
+
+
+def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Everything the leaderboard knows about one finished run (config, fit, metrics, provenance)."""
+    config = read_run_json(run_dir, "config.json")
+    fit = read_run_json(run_dir, "fit.json")
+    metrics = read_run_json(run_dir, "metrics.json")
+    prov = read_run_json(run_dir, "provenance.json")
+    model, train = config.get("model", {}), config.get("train", {})
+    row: dict[str, Any] = {
+        **run_identity(run_dir),
+        "model_name": config.get("name"),
+        "family": config.get("family"),
+        "backbone": prov.get("backbone") or model.get("backbone"),
+        "img_size": train.get("img_size"),
+        "num_epochs": train.get("num_epochs"),
+        "batch_size": train.get("batch_size"),
+        "epochs_run": fit.get("epochs_run"),
+        "steps": fit.get("steps"),
+    }
+    for key in RANK_METRICS:
+        row[key] = metrics.get(key)
+    for key in ("n_test", "n_normal", "n_anomalous"):
+        row[key] = metrics.get(key)
+    for kind, prefix in (("thresholds", "thr"), ("transferred_thresholds", "thr_transferred")):
+        results = metrics.get(kind) or {}
+        for method in THRESHOLD_METHODS:
+            result = results.get(method) or {}
+            for field in ("threshold", "f1", "accuracy"):
+                row[f"{prefix}_{method}_{field}"] = result.get(field)
+    row.update({
+        "fit_seconds": fit.get("fit_seconds"),
+        "inference_ms_b1": metrics.get("inference_ms_b1"),
+        "inference_ms_batch": metrics.get("inference_ms_batch"),
+        "peak_rss_mb": fit.get("peak_rss_mb"),
+        "peak_cuda_mb": fit.get("peak_cuda_mb"),
+        "num_parameters": fit.get("num_parameters"),
+        "num_train_images": fit.get("num_train_images"),
+        "final_loss": fit.get("final_loss"),
+        "stopped_early": fit.get("stopped_early"),
+        "pretrained": config.get("pretrained"),
+    })
+    row.update({key: prov.get(key) for key in _PROVENANCE})
+    row["notes"] = "; ".join(str(n) for n in metrics.get("notes") or [])
+    row["run_dir"] = str(run_dir)
+    return row
+
+
+def build_leaderboard(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """The long-form leaderboard: one row per run, sorted by dataset, category, model, seed."""
+    rows = [leaderboard_row(d) for d in run_dirs]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    for key in RANK_METRICS + ("fit_seconds", "inference_ms_b1", "inference_ms_batch", "peak_rss_mb",
+                               "peak_cuda_mb"):
+        frame[key] = pd.to_numeric(frame[key], errors="coerce").astype(float)
+    return frame.sort_values(list(RUN_KEYS), kind="stable").reset_index(drop=True)
+
+
+def category_ranks(leaderboard: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
+    """Per (dataset, category): each model's ``metric`` averaged over seeds and its rank (1 = best).
+
+    Ties share the average rank; runs whose metric is missing are left out of their block.
+    """
+    _check_metric(metric)
+    per_model = (leaderboard.dropna(subset=[metric])
+                 .groupby(["dataset", "category", "model"], sort=True)[metric].mean().reset_index())
+    per_model["rank"] = per_model.groupby(["dataset", "category"])[metric].rank(ascending=False, method="average")
+    per_model["n_models"] = per_model.groupby(["dataset", "category"])["model"].transform("count")
+    return per_model
+
+
+def summarize_models(leaderboard: pd.DataFrame, ranks: pd.DataFrame | None = None,
+                     metric: str = "image_auroc") -> pd.DataFrame:
+    """One row per model: mean and std over categories and seeds, and its mean rank."""
+    if ranks is None:
+        ranks = category_ranks(leaderboard, metric)
+    groups = leaderboard.groupby("model", sort=True)
+    summary = groups.agg(model_name=("model_name", "first"), family=("family", "first"),
+                         backbone=("backbone", "first"), n_runs=("seed", "size"),
+                         n_categories=("category", lambda c: c.nunique()),
+                         num_parameters=("num_parameters", "first"))
+    for column in SUMMARY_COLUMNS:
+        summary[f"{column}_mean"] = groups[column].mean()
+        summary[f"{column}_std"] = groups[column].std(ddof=1)
+    mean_rank = ranks.groupby("model")["rank"].mean()
+    summary["mean_rank"] = mean_rank.reindex(summary.index)
+    summary["rank_metric"] = metric
+    summary = summary.reset_index()
+    return summary.sort_values(["mean_rank", f"{metric}_mean"], ascending=[True, False],
+                               na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in RANK_METRICS:
+        raise ValueError(f"unknown rank metric {metric!r}; choose one of {', '.join(RANK_METRICS)}")
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table atomically as CSV or Parquet (by suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            _parquet_safe(frame).to_parquet(tmp, index=False)
+        elif path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            raise ValueError(f"{path}: tables are written as .csv or .parquet")
+    return path
+
+
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns mixing types (e.g. None and float) become strings or floats for Parquet."""
+    frame = frame.copy()
+    for column in frame.columns[frame.dtypes == object]:
+        values = frame[column].dropna()
+        kinds = {type(v) for v in values}
+        if kinds <= {int, float, np.floating, np.integer} and kinds:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        elif kinds <= {bool, np.bool_} and kinds:
+            frame[column] = frame[column].astype("boolean")
+        elif kinds and kinds != {str}:
+            frame[column] = frame[column].map(lambda v: None if v is None or v != v else str(v))
+    return frame
+
+
+def write_leaderboard(run_dirs: Iterable[str | os.PathLike], csv: str | os.PathLike, parquet: str | os.PathLike,
+                      summary_csv: str | os.PathLike, ranks_csv: str | os.PathLike,
+                      metric: str = "image_auroc") -> pd.DataFrame:
+    """Build the leaderboard from run directories and write it with the per-model summary and ranks."""
+    _check_metric(metric)
+    board = build_leaderboard(run_dirs)
+    if board.empty:
+        raise ValueError("no runs given: the leaderboard needs at least one finished run")
+    ranks = category_ranks(board, metric)
+    write_table(board, csv)
+    write_table(board, parquet)
+    write_table(summarize_models(board, ranks, metric), summary_csv)
+    write_table(ranks, ranks_csv)
+    return board

@@ -1,0 +1,173 @@
+"""The real Snakemake workflow on tiny synthetic configs in temporary directories (no mocking).
+
+Dry runs check the planned grid and bad-input errors; the slow test runs everything, then checks
+that only stale work reruns: nothing after a complete run; one model's runs after its override
+or its source file changes; only the new runs after adding a category; only the missing work
+after a failed run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = ("Snakefile", "rules", "scripts", "report", "profiles", "envs", "config/schema.yaml")
+AGGREGATE_RULES = {"leaderboard", "statistics", "cost", "thresholds", "ensemble", "report", "all"}
+#: one model with anomaly maps, one scoring whole images only (the two evaluate rules)
+MAPS_MODEL, IMAGE_MODEL = "padim", "dfkde"
+
+
+def tiny_config(**changes) -> dict:
+    config = {
+        "img_size": 32, "seeds": [0], "pretrained": False,
+        "datasets": [{"name": "syn", "layout": "synthetic", "categories": ["widget"],
+                      "options": {"n_train": 6, "n_test_good": 4, "n_test_bad": 4, "size": 32}}],
+        "models": [{"name": MAPS_MODEL, "overrides": {"backbone": "tf_efficientnet_lite0", "n_features": 40}},
+                   {"name": IMAGE_MODEL, "overrides": {"backbone": "tf_efficientnet_lite0", "layers": ["layer3"]}}],
+        "calibration": {"method": "calibration", "fraction": 0.25},
+        "report": {"bootstrap": 100},
+    }
+    config.update(changes)
+    return config
+
+
+def snakemake(workdir: Path, config: dict, *args: str, snakefile: Path = REPO / "Snakefile",
+              env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real snakemake on ``config`` in ``workdir``; stdout and stderr together."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=workdir)
+
+
+def planned(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run lists."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        match = re.match(r"(?:local)?rule (\w+):", block)
+        if not match:
+            continue
+        found = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        wildcards = dict(kv.split("=", 1) for kv in found.group(1).split(", ")) if found else {}
+        jobs.append((match.group(1), wildcards))
+    return jobs
+
+
+def run_jobs(jobs) -> set[tuple[str, str, str]]:
+    """(rule, category, model) of the per-run jobs."""
+    return {(rule, w.get("category", ""), w.get("model", "")) for rule, w in jobs if rule not in AGGREGATE_RULES}
+
+
+def check(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-6000:]
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- dry runs
+def test_dry_run_plans_the_whole_grid(tmp_path):
+    config = tiny_config(seeds=[0, 1])
+    config["datasets"][0]["categories"] = ["widget", "gear"]
+    jobs = planned(check(snakemake(tmp_path, config, "-n")))
+    counts = Counter(rule for rule, _ in jobs)
+    assert counts["prepare"] == 2 and counts["train"] == 8
+    assert counts["evaluate"] == 4 and counts["evaluate_image_level"] == 4
+    assert all(counts[rule] == 1 for rule in AGGREGATE_RULES)
+    assert {w["model"] for rule, w in jobs if rule == "evaluate_image_level"} == {IMAGE_MODEL}
+    assert {w["size"] for rule, w in jobs if rule == "prepare"} == {"32"}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"models": ["padimm"]}, ["unknown model 'padimm'", "did you mean padim", "registered models:"]),
+    ({"modelz": []}, ["config key '<top level>'", "unknown key(s) ['modelz']", "allowed keys:"]),
+    ({"datasets": [{"name": "d", "layout": "mvtek", "root": "."}]},
+     ["datasets[0].layout", "'mvtek' is not allowed", "allowed values: mvtec, visa, btad, custom, folder, synthetic"]),
+    ({"datasets": [{"name": "d", "layout": "mvtec", "root": "no/such/folder"}]},
+     ["root folder no/such/folder does not exist"]),
+])
+def test_bad_config_stops_the_dry_run_with_a_clear_error(tmp_path, change, expected):
+    result = snakemake(tmp_path, tiny_config(**change), "-n")
+    assert result.returncode != 0
+    for text in expected:
+        assert text in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_run_then_rerun_only_what_is_stale(tmp_path):
+    repo = tmp_path / "repo"  # a private copy of the workflow and of adlib, so its sources can be edited
+    for name in WORKFLOW:
+        target = repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, target)
+    shutil.copytree(REPO / "adlib", repo / "adlib", ignore=shutil.ignore_patterns("__pycache__"))
+    work, env = tmp_path / "work", {"PYTHONPATH": str(repo)}
+
+    def sm(config, *args):
+        return snakemake(work, config, *args, snakefile=repo / "Snakefile", env=env)
+
+    config = tiny_config()
+    check(sm(config))
+    board = pd.read_csv(work / "results/aggregate/leaderboard.csv")
+    assert sorted(board.model) == [IMAGE_MODEL, MAPS_MODEL] and board.image_auroc.notna().all()
+    assert board.pixel_auroc.notna().tolist() == [m == MAPS_MODEL for m in board.model]
+    run = work / "results/runs/syn/widget" / MAPS_MODEL / "0"
+    assert (run / "maps.npz").is_file() and any((run / "overlays").iterdir())
+    assert (work / "results/logs/train/syn/widget" / MAPS_MODEL / "0.log").is_file()
+    assert (work / "results/benchmarks/train/syn/widget" / MAPS_MODEL / "0.tsv").is_file()
+    assert "Recommended" in (work / "results/report/index.html").read_text()
+    lb_mtime = (work / "results/aggregate/leaderboard.csv").stat().st_mtime
+
+    # a complete run leaves nothing to do
+    assert "Nothing to be done" in check(sm(config, "-n"))
+
+    # one model's override: only its runs and the aggregates
+    changed = tiny_config()
+    changed["models"][0]["overrides"]["n_features"] = 30
+    jobs = planned(check(sm(changed, "-n")))
+    assert run_jobs(jobs) == {("train", "widget", MAPS_MODEL), ("evaluate", "widget", MAPS_MODEL)}
+    assert {"leaderboard", "ensemble", "report"} <= {rule for rule, _ in jobs}
+
+    # one model's source file: only its runs
+    source = repo / "adlib" / "models" / f"{IMAGE_MODEL}.py"
+    original = source.read_text()
+    source.write_text(original + "\n# an edit\n")
+    jobs = planned(check(sm(config, "-n")))
+    assert run_jobs(jobs) == {("train", "widget", IMAGE_MODEL), ("evaluate_image_level", "widget", IMAGE_MODEL)}
+    source.write_text(original)
+    assert "Nothing to be done" in check(sm(config, "-n"))
+
+    # a new category: only its runs
+    more = tiny_config()
+    more["datasets"][0]["categories"] = ["widget", "gear"]
+    jobs = planned(check(sm(more, "-n")))
+    assert run_jobs(jobs) == {("prepare", "gear", ""), ("train", "gear", MAPS_MODEL), ("train", "gear", IMAGE_MODEL),
+                              ("evaluate", "gear", MAPS_MODEL), ("evaluate_image_level", "gear", IMAGE_MODEL)}
+
+    # a failing run keeps the completed runs and aggregates; the next call does only the missing work
+    broken = tiny_config()
+    broken["models"].append({"name": "patchcore", "overrides": {"backbone": "no_such_backbone"}})
+    result = sm(broken)
+    assert result.returncode != 0 and "Error in rule train" in result.stdout
+    assert (work / "results/aggregate/leaderboard.csv").stat().st_mtime == lb_mtime
+    assert (run / "metrics.json").is_file()
+    fixed = tiny_config()
+    fixed["models"].append({"name": "patchcore", "overrides": {"backbone": "tf_efficientnet_lite0"}})
+    jobs = planned(check(sm(fixed, "-n")))
+    assert run_jobs(jobs) == {("train", "widget", "patchcore"), ("evaluate", "widget", "patchcore")}
+
+    # Snakemake's own HTML report
+    check(sm(config, "--report", str(work / "report.html")))
+    html = (work / "report.html").read_text()
+    assert "leaderboard.csv" in html and "cd_diagram.png" in html and "overlay" in html
