@@ -10,7 +10,6 @@ and decoded-image cache of a category are shared by every model trained on it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd

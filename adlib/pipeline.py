@@ -20,7 +20,7 @@ from adlib.io import atomic_path, write_json, write_text
 from adlib.models.base import AnomalyModel, FitContext
 from adlib.models.registry import build_model, resolve_config
 from adlib.settings import Settings
-from adlib.training import FitReport, fit, resolve_device, seed_everything
+from adlib.training import fit, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -11,32 +11,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 
 from adlib.evaluation.metrics import as_numpy, average_precision, binary_curve, check_binary, image_auroc
 from adlib.evaluation.thresholds import METHOD_TITLES
-from adlib.io import atomic_path
+from adlib.figures import new_figure, save_figure
 
-_DPI = 100
 _NORMAL_COLOR = "tab:blue"
 _ANOMALY_COLOR = "tab:red"
 _LINE_COLORS = ("black", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:gray")
 
 
-def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
-    fig = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
-
-
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-    return Path(path)
 
 
 def _note(ax: Any, text: str) -> None:
@@ -50,7 +35,7 @@ def plot_score_histogram(labels: Any, scores: Any, thresholds: Mapping[str, floa
     ``thresholds`` maps a method name (or any label) to a value; ``None`` values are skipped.
     """
     y, s = check_binary(labels, scores, "histogram")
-    fig, (ax,) = _new_figure(6.0, 3.6)
+    fig, (ax,) = new_figure(6.0, 3.6)
     if s.size == 0:
         _note(ax, "no scores")
     else:
@@ -68,13 +53,13 @@ def plot_score_histogram(labels: Any, scores: Any, thresholds: Mapping[str, floa
         ax.set_xlabel("anomaly score")
         ax.set_ylabel("images")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_pr(labels: Any, scores: Any, path: str | os.PathLike, title: str = "") -> Path:
     """ROC curve (left) and precision-recall curve (right) of the image scores."""
     y, s = check_binary(labels, scores, "ROC/PR plot")
-    fig, (ax_roc, ax_pr) = _new_figure(8.0, 3.8, ncols=2)
+    fig, (ax_roc, ax_pr) = new_figure(8.0, 3.8, ncols=2)
     curve = binary_curve(y, s)
     if curve.n_pos and curve.n_neg:
         fpr = np.r_[0.0, curve.fps / curve.n_neg]
@@ -95,7 +80,7 @@ def plot_roc_pr(labels: Any, scores: Any, path: str | os.PathLike, title: str = 
     ax_roc.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax_pr.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title="Precision-recall")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _display_image(image: Any) -> np.ndarray:
@@ -131,7 +116,7 @@ def plot_overlay(image: Any, mask: Any, amap: Any, threshold: float | None, path
     h, w = img.shape[:2]
     extent = (0, w, h, 0)
     cmap_gray = "gray" if img.ndim == 2 else None
-    fig, axes = _new_figure(10.0, 2.9, ncols=4)
+    fig, axes = new_figure(10.0, 2.9, ncols=4)
     axes[0].imshow(img, cmap=cmap_gray, extent=extent)
     axes[0].set_title("image", fontsize=9)
     if mask is None:
@@ -161,4 +146,4 @@ def plot_overlay(image: Any, mask: Any, amap: Any, threshold: float | None, path
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adlib.io import atomic_path
 from adlib.reporting.leaderboard import write_table
 
 #: (leaderboard column, axis label) of the two cost axes
@@ -49,12 +48,9 @@ def cost_table(leaderboard: pd.DataFrame, metric: str = "image_auroc") -> pd.Dat
 
 def plot_cost_view(table: pd.DataFrame, path: str | os.PathLike, metric: str = "image_auroc") -> Path:
     """Two panels (ms/image, fit s) with every model, the Pareto front joined and highlighted."""
-    import matplotlib
+    from adlib.figures import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = new_figure(11, 4.5, ncols=2)
     for ax, (column, label) in zip(axes, COST_AXES):
         x, y = table[column].to_numpy(float), table[metric].to_numpy(float)
         front = table[f"pareto_{column}"].to_numpy(bool)
@@ -74,12 +70,7 @@ def plot_cost_view(table: pd.DataFrame, path: str | os.PathLike, metric: str = "
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Cost view: {metric} against inference and fit cost (lower-right is worse, upper-left better)",
                  fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_cost_view(leaderboard: str | os.PathLike, out_csv: str | os.PathLike, out_png: str | os.PathLike,

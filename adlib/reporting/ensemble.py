@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from adlib.evaluation.metrics import average_precision, image_auroc
-from adlib.io import atomic_path, write_text
+from adlib.io import write_text
 from adlib.reporting.html import html_page, markdown_table, markdown_to_html_embedded
 from adlib.reporting.leaderboard import category_ranks, write_table
 from adlib.reporting.runs import read_all_scores
@@ -197,10 +197,7 @@ def recommend(summary: pd.DataFrame, best_single: str) -> dict[str, Any]:
 
 def plot_correlation(corr: pd.DataFrame, candidates: Sequence[str], path: str | os.PathLike) -> Path:
     """Heat map of the mean Spearman correlation between candidates' per-image scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from adlib.figures import new_figure, save_figure
 
     n = len(candidates)
     matrix = np.eye(n)
@@ -208,7 +205,7 @@ def plot_correlation(corr: pd.DataFrame, candidates: Sequence[str], path: str | 
     for _, row in corr.iterrows():
         i, j = index[row["model_a"]], index[row["model_b"]]
         matrix[i, j] = matrix[j, i] = row["mean_spearman"]
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.5))
+    fig, (ax,) = new_figure(1.2 * n + 2.5, 1.0 * n + 1.5)
     image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
     ax.set_xticks(range(n), candidates, rotation=30, ha="right")
     ax.set_yticks(range(n), candidates)
@@ -217,12 +214,7 @@ def plot_correlation(corr: pd.DataFrame, candidates: Sequence[str], path: str | 
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9)
     fig.colorbar(image, ax=ax, label="mean Spearman correlation of test scores")
     ax.set_title("Score correlation between candidates", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def ensemble_markdown(candidates: pd.DataFrame, corr: pd.DataFrame, summary: pd.DataFrame, rec: dict[str, Any],

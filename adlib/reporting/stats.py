@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from adlib.io import atomic_path, write_json
+from adlib.io import write_json
 from adlib.reporting.leaderboard import category_ranks, write_table
 from adlib.reporting.runs import RUN_KEYS, read_scores
 
@@ -91,17 +91,14 @@ def not_different_groups(ranks: pd.Series, cd: float) -> list[list[str]]:
 def plot_cd_diagram(ranks: pd.Series, cd: float | None, path: str | os.PathLike, title: str = "") -> Path:
     """Demšar's critical-difference diagram: models on a mean-rank axis, bars join models whose
     difference is not significant, the CD length drawn above the axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from adlib.figures import new_figure, save_figure
 
     ranks = ranks.sort_values()
     k = len(ranks)
     lo, hi = 1, max(k, 2)
     half = (k + 1) // 2
     height = 1.6 + 0.3 * max(half, k - half)
-    fig, ax = plt.subplots(figsize=(7, height))
+    fig, (ax,) = new_figure(7, height)
     ax.set_xlim(lo - 0.6, hi + 0.6)
     ax.set_ylim(-0.3 * (max(half, k - half) + 2), 1.2)
     ax.axis("off")
@@ -126,11 +123,7 @@ def plot_cd_diagram(ranks: pd.Series, cd: float | None, path: str | os.PathLike,
             ax.hlines(y, ranks[members[0]] - 0.03, ranks[members[-1]] + 0.03, color="tab:red", lw=3)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, tight=False, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------------------------
