@@ -137,12 +137,17 @@ def test_claim_sets_and_restores_the_environment_and_is_reentrant(gpu_env):
 def test_timeout_names_the_holders(gpu_env, monkeypatch):
     monkeypatch.setenv(devices.ENV_GPUS, "1")
     with claim_device("auto", timeout=5) as claim:
-        monkeypatch.delenv(devices.ENV_CLAIMED)  # behave like an unrelated process
-        t0 = time.monotonic()
-        with pytest.raises(DeviceClaimError, match=rf"gpu 0 held by pid={os.getpid()} .*--resources gpu=N"):
-            acquire_device("auto", timeout=0.3, poll_interval=0.05)
-        assert time.monotonic() - t0 < 5
-        monkeypatch.setenv(devices.ENV_CLAIMED, claim.gpu)
+        # behave like an unrelated process; not monkeypatch, whose undo would re-set the variable
+        # after the claim has restored the environment and leak it into later tests
+        del os.environ[devices.ENV_CLAIMED]
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DeviceClaimError, match=rf"gpu 0 held by pid={os.getpid()} .*--resources gpu=N"):
+                acquire_device("auto", timeout=0.3, poll_interval=0.05)
+            assert time.monotonic() - t0 < 5
+        finally:
+            os.environ[devices.ENV_CLAIMED] = claim.gpu
+    assert devices.ENV_CLAIMED not in os.environ
 
 
 @pytest.mark.parametrize("env, device, how, expected_device", [

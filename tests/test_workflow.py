@@ -86,10 +86,7 @@ def test_unknown_override_lists_the_valid_options():
 def test_duplicate_labels_names_and_dataset_rules():
     assert "used twice" in _error(_config(models=[MODELS[0], MODELS[0]]))
     twice = _config(models=[MODELS[0], {"name": MODELS[0], "label": "second"}])
-    if wf._pipeline_names_pictures():
-        assert [m["label"] for m in wf.validate_config(twice, SCHEMA)["models"]] == [MODELS[0], "second"]
-    else:
-        assert "cannot name a run's files after a label ('second')" in _error(twice)
+    assert [m["label"] for m in wf.validate_config(twice, SCHEMA)["models"]] == [MODELS[0], "second"]
     ds = {"name": "syn", "layout": "synthetic", "categories": ["a"]}
     assert "used twice" in _error(_config(datasets=[ds, ds]))
     assert "explicit" in _error(_config(datasets=[{"name": "s", "layout": "synthetic"}]))
