@@ -62,10 +62,16 @@ def _loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: Path | None, se
 
 
 def job_device(settings: Settings) -> torch.device:
-    """The device of this job. On a box with several GPUs this process first claims a free one
-    (a file lock held until the process ends, see :mod:`adlib.devices`); elsewhere a no-op."""
+    """Set this process up for a job and return its device.
+
+    Large freed buffers are kept for reuse (see :mod:`adlib.allocator`: a 3x faster CPU
+    forward). On a box with several GPUs the process claims a free one (a file lock held until
+    the process ends, see :mod:`adlib.devices`); elsewhere that is a no-op.
+    """
+    from adlib.allocator import reuse_freed_memory
     from adlib.devices import acquire_device
 
+    reuse_freed_memory()
     return resolve_device(acquire_device(settings.device).device)
 
 

@@ -46,6 +46,7 @@ def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str]
     """Seconds of the bare frozen backbone forward over every train and test image (batch ``batch``)."""
     import torch
 
+    from adlib.allocator import reuse_freed_memory
     from adlib.backbones import FeatureExtractor
     from adlib.data import ImageCache, ImageDataset, load_manifest
 
@@ -54,6 +55,7 @@ def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str]
     dataset = ImageDataset(frame, img_size, cache=ImageCache.build(frame, cache, img_size))
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     extractor = FeatureExtractor(backbone, layers, pretrained=True)
+    reuse_freed_memory()  # the same allocator set-up as the runs (adlib.pipeline.job_device)
     with torch.no_grad():
         extractor(images[:batch])  # warm-up
         start = time.perf_counter()

@@ -54,3 +54,12 @@ def test_settings_reject_unknown_keys_and_missing_file(tmp_path):
         Settings.load(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Settings.load(tmp_path / "missing.yaml")
+
+
+def test_allocator_thresholds_apply_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = "from adlib.allocator import reuse_freed_memory as r; print(r(), r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]  # glibc here; idempotent
