@@ -48,12 +48,12 @@ def prepare_data(dataset_cfg: dict, category: str, img_size: int, manifest_out: 
     return Path(manifest_out)
 
 
-def _loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: Path | None, settings: Settings, *,
+def _loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: str | Path | None, settings: Settings, *,
             shuffle: bool, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
     from adlib.data import ImageCache, ImageDataset
 
     size, crop = int(train_cfg["img_size"]), train_cfg.get("center_crop")
-    cache = ImageCache.build(manifest, cache_root, size, center_crop=crop) if cache_root is not None else None
+    cache = ImageCache.build(manifest, Path(cache_root), size, center_crop=crop) if cache_root is not None else None
     dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False, cache=cache)
     generator = torch.Generator().manual_seed(settings.seed)
     return DataLoader(dataset, batch_size=batch_size or int(train_cfg["batch_size"]), shuffle=shuffle,
@@ -109,7 +109,7 @@ def train_run(manifest_path: str | Path, model_name: str, overrides: dict[str, A
     tcfg = config.train
     model: AnomalyModel = build_model(config, pretrained=pretrained, backbone_dir=settings.backbone_dir)
     drop_last = model.learns_by == "gradient" and len(train_df) > int(tcfg["batch_size"])
-    loader = _loader(train_df, tcfg, _opt_path(cache_root), settings, shuffle=model.learns_by == "gradient",
+    loader = _loader(train_df, tcfg, cache_root, settings, shuffle=model.learns_by == "gradient",
                      drop_last=drop_last)
     context = FitContext(device=device, num_epochs=int(tcfg["num_epochs"]), steps_per_epoch=len(loader),
                          num_train_images=len(train_df), seed=settings.seed, img_size=int(tcfg["img_size"]),
@@ -119,7 +119,7 @@ def train_run(manifest_path: str | Path, model_name: str, overrides: dict[str, A
     if tcfg.get("validate_every"):
         val_df = _split(manifest, "calibration")
         val_df = val_df if not val_df.empty else _split(manifest, "test")
-        val_loader = _loader(val_df, tcfg, _opt_path(cache_root), settings, shuffle=False)
+        val_loader = _loader(val_df, tcfg, cache_root, settings, shuffle=False)
         validate = lambda m: _validation_auroc(m, val_loader, device)  # noqa: E731
     report = fit(model, loader, context, num_epochs=int(tcfg["num_epochs"]), max_steps=tcfg.get("max_steps"),
                  amp=bool(tcfg.get("amp", True)), validate=validate, validate_every=tcfg.get("validate_every"),
@@ -143,10 +143,6 @@ def _weights_provenance(model: AnomalyModel) -> list[dict]:
         if info:
             seen.setdefault(f"{info.get('backbone')}:{info.get('source')}", info)
     return list(seen.values())
-
-
-def _opt_path(path: str | Path | None) -> Path | None:
-    return Path(path) if path is not None else None
 
 
 def _category_name(manifest: pd.DataFrame) -> str:
@@ -190,7 +186,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     if test_df.empty:
         raise DataError(f"manifest {manifest_path} has no test images to evaluate")
     tcfg = config["train"]
-    loader = _loader(test_df, tcfg, _opt_path(cache_root), settings, shuffle=False)
+    loader = _loader(test_df, tcfg, cache_root, settings, shuffle=False)
     test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress)
 
     calib_scores = calib_labels = None
@@ -199,7 +195,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         if calib_df.empty:
             raise DataError(f"calibration='calibration' but manifest {manifest_path} has no calibration split; "
                             "prepare the data with a calibration_fraction > 0")
-        calib = score_images(model, _loader(calib_df, tcfg, _opt_path(cache_root), settings, shuffle=False),
+        calib = score_images(model, _loader(calib_df, tcfg, cache_root, settings, shuffle=False),
                              device, with_pixels=False, progress=progress)
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
 
