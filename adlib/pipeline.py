@@ -348,21 +348,21 @@ def _overlay_threshold(maps: np.ndarray, labels: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # predict on new images
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
 def collect_images(paths: list[str | Path]) -> list[Path]:
     """Image files named directly or found (recursively) in the given folders."""
+    from adlib.data.files import IMAGE_EXTENSIONS, is_image
+
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(p for p in path.rglob("*") if is_image(p)))
         elif path.is_file():
             found.append(path)
         else:
             raise FileNotFoundError(f"{path} does not exist (give image files or folders of images)")
     if not found:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in "
+                                f"{', '.join(map(str, paths))}")
     return found
 
 
@@ -380,6 +380,7 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
                    threshold_method: str = "f1_percentile", overlay_dir: str | Path | None = None) -> pd.DataFrame:
     """Score new images with a saved run; write a CSV of scores and decisions (and overlays)."""
     from adlib.data import ImageDataset
+    from adlib.data.manifest import make_manifest, manifest_row
     from adlib.evaluation.plots import plot_overlay
     from adlib.io import read_json
 
@@ -388,9 +389,8 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     model, config = artifacts.load_model(run_dir, backbone_dir=settings.backbone_dir, device=device)
     threshold = decision_threshold(read_json(run_dir / artifacts.METRICS), threshold_method)
     paths = collect_images(images)
-    manifest = pd.DataFrame({"dataset": "predict", "category": config["category"], "split": "test",
-                             "image_path": [str(p) for p in paths], "mask_path": "", "label": 0,  # unknown; unused
-                             "defect_type": "unknown"})
+    # labels are unknown for new images; 0 is a placeholder the scoring never reads
+    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
     size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
     dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
     loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
