@@ -6,8 +6,10 @@ Locally aware patch features (3x3 neighbourhood average of layer2 and layer3, la
 to layer2's grid, concatenated, optionally pooled to ``embedding_dim`` channels) from the
 normal training images form a memory bank, reduced by greedy k-center coreset selection on a
 random projection (Sec. 3.2). A test patch's anomaly is its distance to the nearest memory
-item; the image score is the largest one, reweighted by how isolated that memory item is
-(Eq. 7); the map is upsampled and smoothed (sigma 4).
+item, found exactly (:mod:`adlib.models.components.bank_search`: a bfloat16 prefilter with a
+proven error bound on CPUs that have bfloat16 instructions); the image score is the largest
+one, reweighted by how isolated that memory item is (Eq. 7); the map is upsampled and
+smoothed (sigma 4).
 
 Memory during fitting: full patch features are kept on the CPU in ``feature_dtype`` (float16
 by default) next to their 128-d float32 projections; only the projections enter the coreset
@@ -23,6 +25,7 @@ import torch
 
 from adlib.backbones import FeatureExtractor
 from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.components.bank_search import BankSearch
 from adlib.models.components.coreset import gaussian_projection, greedy_coreset
 from adlib.models.components.features import (concat_feature_maps, local_patch_average, reduce_channels,
                                               to_patch_rows)
@@ -91,6 +94,7 @@ class PatchCore(AnomalyModel):
         self.register_buffer("memory_bank", torch.empty(0, self.dim))
         self._store: PatchStore | None = None
         self._projection: torch.Tensor | None = None
+        self._search: tuple[tuple, BankSearch] | None = None
 
     @property
     def _seed(self) -> int:
@@ -127,6 +131,14 @@ class PatchCore(AnomalyModel):
         self._store, self._projection = None, None
 
     # ----- prediction ----------------------------------------------------------------------
+    def bank_search(self) -> BankSearch:
+        """The exact nearest-item search over the current memory bank (rebuilt when it changes)."""
+        bank = self.memory_bank
+        key = (bank.data_ptr(), tuple(bank.shape), bank._version, bank.device)
+        if self._search is None or self._search[0] != key:
+            self._search = (key, BankSearch(bank))
+        return self._search[1]
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory_bank.shape[0] == 0:
@@ -134,7 +146,7 @@ class PatchCore(AnomalyModel):
         emb = self.embed(images)
         b, _, h, w = emb.shape
         rows = to_patch_rows(emb)
-        dist, index = nearest_neighbors(rows, self.memory_bank, k=1)
+        dist, index = self.bank_search().search(rows)
         patch_scores, nn_index = dist.view(b, h * w), index.view(b, h * w)
         scores = reweighted_scores(patch_scores, nn_index, rows.view(b, h * w, -1), self.memory_bank,
                                    self.num_neighbors)

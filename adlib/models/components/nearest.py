@@ -39,6 +39,8 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
         raise ValueError("nearest_neighbors: the memory bank is empty (was the model fitted?)")
     k = min(int(k), n_bank)
     queries = queries.to(bank.dtype)
+    if queries.shape[0] == 0:
+        return queries.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=queries.device)
     q_rows = max(1, min(queries.shape[0], block_elements // max(1, min(n_bank, 4096))))
     out_d, out_i = [], []
     for q0 in range(0, queries.shape[0], q_rows):
