@@ -32,16 +32,25 @@ def test_greedy_coreset_matches_plain_greedy_loop(case):
     points = torch.randn(n, d, generator=gen) * 3 + 5  # offset: distances must not depend on the origin
     ratio = (0.02, 0.1, 0.5, 1.0)[case % 4]
     num_select = max(1, int(n * ratio))
-    max_candidates = (8, 32, 1024)[case % 3]  # small pools force many candidate rounds
-    got = greedy_coreset(points, num_select, seed=case, max_candidates=max_candidates).tolist()
+    pool_size = (8, 32, 1024)[case % 3]  # small pools force many rounds
+    got = greedy_coreset(points, num_select, seed=case, pool_size=pool_size).tolist()
     assert got == reference_greedy(points, num_select, seed=case)
+
+
+@pytest.mark.parametrize("pool_size, block_elements", [(1, 1 << 20), (64, 256), (700, 5000)])
+def test_greedy_coreset_with_tiny_pools_and_blocks_matches_plain_loop(pool_size, block_elements):
+    # small blocks: many staleness groups and centre blocks per refresh; pool 1: one pick per round
+    gen = torch.Generator().manual_seed(pool_size)
+    points = torch.randn(2500, 12, generator=gen) + 3
+    got = greedy_coreset(points, 300, seed=1, pool_size=pool_size, block_elements=block_elements).tolist()
+    assert got == reference_greedy(points, 300, seed=1)
 
 
 def test_greedy_coreset_with_duplicate_points_selects_the_same_vectors():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(300, 8, generator=gen)
     points = torch.cat([base, base[:100], base[:50]])  # exact ties: which copy is taken is arbitrary
-    got = greedy_coreset(points, 250, seed=3, max_candidates=16)
+    got = greedy_coreset(points, 250, seed=3, pool_size=16)
     want = torch.tensor(reference_greedy(points, 250, seed=3))
     assert len(set(got.tolist())) == 250  # never the same index twice
     assert torch.equal(points[got], points[want])

@@ -5,13 +5,15 @@ The plain greedy loop adds, one at a time, the point farthest from the centres c
 then updates every point's distance to its nearest centre: one pass over all ``N`` points per
 centre, memory-bound and slow (``N x d`` floats read for each of ``k`` centres).
 
-:func:`greedy_coreset` makes the same choices with far fewer passes. After each full pass the
-``m`` points with the largest current distance are kept as *candidates*; everything else is at
-most ``T``, the ``(m+1)``-th largest distance, and distances only ever shrink. Centres are
-then picked among the candidates only, updating just the candidates' distances, for as long
-as the best candidate is still strictly above ``T`` (then it is provably the global farthest
-point). The skipped distance updates for all ``N`` points are applied afterwards in one
-blocked matrix product against all new centres (compute-bound, cache-friendly). Ties are
+:func:`greedy_coreset` makes the same choices lazily. Every point keeps an *upper bound* of its
+squared distance to the nearest centre: exact at its last refresh, and distances only shrink as
+centres are added. Each round takes the ``m`` points with the largest bounds (the pool) and
+refreshes exactly those against the centres chosen since their last refresh, in blocked matrix
+products grouped by staleness (compute-bound, cache-sized). Every other point is bounded by
+``T``, the ``(m+1)``-th largest bound, so centres are picked among the pool, updating just the
+pool, for as long as the best is strictly above ``T`` (then it is provably the global farthest
+point). Points whose bound falls below the final covering radius are never touched again: on
+PatchCore features about half of the plain loop's distance computations are skipped. Ties are
 broken towards the lowest index, as ``argmax`` does in the plain loop.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ def start_index(num_points: int, seed: int = 0) -> int:
     return int(torch.randint(num_points, (1,), generator=gen).item())
 
 
-def greedy_coreset(points: torch.Tensor, num_select: int, *, seed: int = 0, max_candidates: int = 1024,
+def greedy_coreset(points: torch.Tensor, num_select: int, *, seed: int = 0, pool_size: int = 16384,
                    block_elements: int = _BLOCK_ELEMENTS) -> torch.Tensor:
     """Indices (in selection order) of a greedy k-center coreset of the rows of ``points``.
 
@@ -56,57 +58,72 @@ def greedy_coreset(points: torch.Tensor, num_select: int, *, seed: int = 0, max_
         raise ValueError(f"cannot select {num_select} of {n} points")
     x = points.float()
     x = x - x.mean(dim=0, keepdim=True)  # distances are shift-invariant; centring limits rounding
-    sq = x.pow(2).sum(1)
-    min_d = torch.full((n,), math.inf, device=x.device)
-    selected = [start_index(n, seed)]
-    _update(min_d, x, sq, selected, block_elements)
-    candidates = min(max_candidates, n)
-    while len(selected) < num_select:
-        new = _pick_among_candidates(min_d, x, sq, candidates, num_select - len(selected))
-        selected.extend(new)
-        _update(min_d, x, sq, new, block_elements)
-        # adapt the candidate pool: large when most candidates get picked, small otherwise
-        if len(new) * 2 >= candidates:
-            candidates = min(candidates * 2, max_candidates, n)
-        elif len(new) * 8 < candidates:
-            candidates = max(candidates // 2, 16)
-    return torch.tensor(selected, dtype=torch.long)
+    state = _LazyState(x, num_select, start_index(n, seed))
+    pool_size = max(1, min(int(pool_size), n))
+    while state.count < num_select:
+        pool, threshold = state.pool(pool_size)
+        state.refresh(pool, block_elements)
+        state.pick_above(pool, threshold)
+    return state.selected[:num_select].clone()
 
 
-def _pick_among_candidates(min_d: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, m: int,
-                           budget: int) -> list[int]:
-    """Greedy picks that are provably global maxima, using only the top-``m`` candidates."""
-    n = min_d.shape[0]
-    first = int(torch.argmax(min_d))  # always exact: the current global farthest point
-    picks = [first]
-    m = min(m, n)
-    if budget == 1 or m < 2:
-        return picks
-    values, idx = torch.topk(min_d, min(m + 1, n))
-    threshold = values[m].item() if values.numel() > m else -math.inf
-    idx = idx[:m].sort().values  # index order, so argmax breaks ties towards the lowest index
-    cand_d = min_d[idx].clone()
-    cand_x, cand_sq = x[idx], sq[idx]
-    centre = first
-    while len(picks) < budget:
-        d = squared_distances(cand_x, x[centre:centre + 1], a_sq=cand_sq, b_sq=sq[centre:centre + 1])
-        torch.minimum(cand_d, d.squeeze(1), out=cand_d)
-        cand_d[idx == centre] = -math.inf
-        j = int(torch.argmax(cand_d))
-        if not cand_d[j].item() > threshold:
-            break
-        centre = int(idx[j])
-        picks.append(centre)
-    return picks
+class _LazyState:
+    """Upper bounds of every point's squared distance to the selected centres (see module doc)."""
 
+    def __init__(self, x: torch.Tensor, num_select: int, first: int) -> None:
+        self.x, self.sq = x, x.pow(2).sum(1)
+        n, device = x.shape[0], x.device
+        self.bound = torch.full((n,), math.inf, device=device)  # exact when fresh == count
+        self.fresh = torch.zeros(n, dtype=torch.long, device=device)  # centres [0, fresh) applied
+        self.selected = torch.empty(num_select, dtype=torch.long, device=device)
+        self.centres = torch.empty(num_select, x.shape[1], device=device)  # contiguous copies
+        self.count = 0
+        self._select(first)
 
-def _update(min_d: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, centres: list[int],
-            block_elements: int) -> None:
-    """``min_d = min(min_d, squared distance to any of centres)``; centres get ``-inf``."""
-    index = torch.tensor(centres, dtype=torch.long, device=x.device)
-    c, c_sq = x[index], sq[index]
-    rows = max(1, block_elements // len(centres))
-    for r0 in range(0, x.shape[0], rows):
-        d = squared_distances(x[r0:r0 + rows], c, a_sq=sq[r0:r0 + rows], b_sq=c_sq)
-        torch.minimum(min_d[r0:r0 + rows], d.amin(dim=1), out=min_d[r0:r0 + rows])
-    min_d[index] = -math.inf
+    def _select(self, index: int) -> None:
+        self.selected[self.count] = index
+        self.centres[self.count] = self.x[index]
+        self.bound[index] = -math.inf
+        self.count += 1
+
+    def pool(self, size: int) -> tuple[torch.Tensor, float]:
+        """The ``size`` unselected points with the largest bounds, and the next-largest bound."""
+        values, index = torch.topk(self.bound, min(size + 1, self.bound.shape[0]))
+        threshold = values[size].item() if values.numel() > size else -math.inf
+        return index[:size][values[:size] > -math.inf], threshold
+
+    def refresh(self, pool: torch.Tensor, block_elements: int) -> None:
+        """Make the pool's bounds exact: apply the centres added since each point's last refresh."""
+        pool = pool[torch.argsort(self.fresh[pool])]  # similar staleness side by side
+        rows = max(1, min(512, block_elements // 64))
+        cols = max(1, block_elements // rows)
+        for r0 in range(0, pool.numel(), rows):
+            group = pool[r0:r0 + rows]
+            since = int(self.fresh[group].min())
+            if since == self.count:
+                continue
+            gx, best = self.x[group], self.bound[group] - self.sq[group]  # compare |c|^2 - 2 x.c
+            for c0 in range(since, self.count, cols):
+                c = self.centres[c0:min(c0 + cols, self.count)]
+                v = torch.addmm(c.pow(2).sum(1).unsqueeze(0), gx, c.t(), alpha=-2.0).amin(dim=1)
+                torch.minimum(best, v, out=best)
+            self.bound[group] = (best + self.sq[group]).clamp_(min=0.0)
+            self.fresh[group] = self.count
+
+    def pick_above(self, pool: torch.Tensor, threshold: float) -> None:
+        """Greedy picks among the (fresh) pool while the best is provably the global farthest."""
+        idx = pool[self.bound[pool] > threshold].sort().values  # index order: argmax ties -> lowest
+        if idx.numel() == 0:
+            return
+        values, px, psq = self.bound[idx].clone(), self.x[idx], self.sq[idx]
+        while self.count < self.selected.shape[0]:
+            j = int(torch.argmax(values))
+            if not values[j].item() > threshold:
+                break
+            centre = int(idx[j])
+            self._select(centre)
+            d = squared_distances(px, self.x[centre:centre + 1], a_sq=psq, b_sq=self.sq[centre:centre + 1])
+            torch.minimum(values, d.squeeze(1), out=values)
+            values[j] = -math.inf
+        self.bound[idx] = values
+        self.fresh[idx] = self.count
