@@ -70,6 +70,11 @@ def test_feature_concat_local_average_and_channel_pooling():
     emb = concat_feature_maps([b, a], mode="nearest")  # the larger grid wins whatever the order
     assert emb.shape == (2, 8, 8, 8)
     assert torch.equal(emb[:, :5, ::2, ::2], b) and torch.equal(emb[:, 5:], a)
+    for channels in ([0, 2, 5, 7], [5, 6], [1]):  # picked before resizing = picked after
+        index = torch.tensor(channels)
+        for mode in ("nearest", "bilinear"):
+            want = concat_feature_maps([b, a], mode=mode).index_select(1, index)
+            assert torch.equal(concat_feature_maps([b, a], mode=mode, channels=index), want)
     avg = local_patch_average(a, 3)
     assert avg.shape == a.shape
     torch.testing.assert_close(avg[:, :, 3, 4], a[:, :, 2:5, 3:6].mean(dim=(2, 3)))

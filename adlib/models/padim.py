@@ -64,8 +64,7 @@ class Padim(AnomalyModel):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, D, h, w]`` embedding: layers on the finest grid, the chosen channels."""
         maps = self.feature_extractor(self.normalize_input(images))
-        emb = concat_feature_maps([m.float() for m in maps], mode="nearest")
-        return emb.index_select(1, self.feature_index)
+        return concat_feature_maps([m.float() for m in maps], mode="nearest", channels=self.feature_index)
 
     def collect(self, images: torch.Tensor) -> None:
         if self._stats is None:

@@ -7,17 +7,32 @@ import torch
 import torch.nn.functional as F
 
 
-def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest") -> torch.Tensor:
+def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest",
+                        channels: torch.Tensor | None = None) -> torch.Tensor:
     """Resize every map to the largest spatial size among them and concatenate channels.
 
     ``maps``: ``[B, C_i, h_i, w_i]`` tensors. Returns ``[B, sum C_i, H, W]`` (channels in the
     given order). ``mode`` is the interpolation used for the smaller (deeper) maps.
+    ``channels``: optional sorted indices into the concatenated channels; only those are kept,
+    and they are picked *before* resizing (same result, less work).
     """
     if not maps:
         raise ValueError("concat_feature_maps needs at least one feature map")
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    resized = [m if m.shape[-2:] == size else _resize(m, size, mode) for m in maps]
+    if channels is not None:
+        maps = _select_channels(maps, channels)
+    resized = [m if m.shape[-2:] == size else _resize(m, size, mode) for m in maps if m.shape[1] > 0]
     return torch.cat(resized, dim=1)
+
+
+def _select_channels(maps: Sequence[torch.Tensor], channels: torch.Tensor) -> list[torch.Tensor]:
+    """Per-map slices of sorted global channel indices ``channels``."""
+    chosen, offset = [], 0
+    for m in maps:
+        inside = (channels >= offset) & (channels < offset + m.shape[1])
+        chosen.append(m.index_select(1, channels[inside] - offset))
+        offset += m.shape[1]
+    return chosen
 
 
 def _resize(fmap: torch.Tensor, size: torch.Size, mode: str) -> torch.Tensor:
