@@ -122,9 +122,9 @@ class BankSearch:
             self.prefilter = False
             return self._plain(q)
         n = q.shape[0]
-        best_v = torch.full((n,), float("inf")).scatter_reduce(0, rows, exact, "amin")
+        best_v = torch.full((n,), float("inf"), device=q.device).scatter_reduce(0, rows, exact, "amin")
         at_best = exact == best_v[rows]
-        index = torch.full((n,), self.bank.shape[0], dtype=torch.long).scatter_reduce(
+        index = torch.full((n,), self.bank.shape[0], dtype=torch.long, device=q.device).scatter_reduce(
             0, rows[at_best], self.order[cols[at_best]], "amin")  # lowest bank index among ties
         lost = index == self.bank.shape[0]  # non-finite queries match nothing: plain search decides
         if bool(lost.any()):
