@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from adlib.models import create_model, resolve_config
-from adlib.models.components.features import concat_feature_maps, local_patch_average, reduce_channels
+from adlib.models.components.features import (concat_feature_maps, local_patch_average, position_major_embedding,
+                                              reduce_channels)
 from adlib.models.components.gaussian import PositionGaussianAccumulator, mahalanobis
 from adlib.models.components.maps import gaussian_blur2d, upsample_map
 from adlib.models.patchcore import reweighted_scores
@@ -75,6 +76,11 @@ def test_feature_concat_local_average_and_channel_pooling():
         for mode in ("nearest", "bilinear"):
             want = concat_feature_maps([b, a], mode=mode).index_select(1, index)
             assert torch.equal(concat_feature_maps([b, a], mode=mode, channels=index), want)
+        want = concat_feature_maps([b, a], mode="nearest", channels=index).flatten(2).permute(2, 0, 1)
+        assert torch.equal(position_major_embedding([b, a], channels=index), want)
+    odd = torch.rand(2, 4, 3, 5)  # 8x8 is not a whole multiple of 3x5: interpolation fallback
+    want = concat_feature_maps([a, odd], mode="nearest").flatten(2).permute(2, 0, 1)
+    assert torch.equal(position_major_embedding([a, odd]), want)
     avg = local_patch_average(a, 3)
     assert avg.shape == a.shape
     torch.testing.assert_close(avg[:, :, 3, 4], a[:, :, 2:5, 3:6].mean(dim=(2, 3)))
@@ -88,11 +94,11 @@ def test_streamed_gaussians_and_mahalanobis_match_numpy():
     feats = torch.randn(13, 3, 4, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 10.0
     acc = PositionGaussianAccumulator()
     for batch in feats.split(5):
-        acc.add(batch)
+        acc.add(batch.transpose(0, 1))  # position-major [P, B, D]
     eps = 0.01
     inv = acc.inverse_covariance(eps)
     test = torch.randn(2, 3, 4, generator=gen) + 10.0
-    got = mahalanobis(test, acc.mean(), inv)
+    got = mahalanobis(test.transpose(0, 1), acc.mean(), inv)
     x = feats.double().numpy()
     for p in range(3):
         mean = x[:, p].mean(0)
@@ -107,9 +113,9 @@ def test_streamed_gaussians_and_mahalanobis_match_numpy():
 
 def test_accumulator_rejects_changing_image_size():
     acc = PositionGaussianAccumulator()
-    acc.add(torch.rand(2, 4, 3))
+    acc.add(torch.rand(4, 2, 3))
     with pytest.raises(ValueError, match="same size"):
-        acc.add(torch.rand(2, 9, 3))
+        acc.add(torch.rand(9, 2, 3))
 
 
 # ----- PaDiM --------------------------------------------------------------------------------
@@ -129,8 +135,8 @@ def test_padim_predicts_maps_at_input_size(padim):
 
 def test_padim_distance_map_matches_numpy(padim):
     with torch.no_grad():
-        train = padim.embed(TRAIN).flatten(2).transpose(1, 2).double().numpy()  # [N, P, D]
-        test = padim.embed(NORMAL[:1]).flatten(2).transpose(1, 2).double().numpy()
+        train = padim.embed(TRAIN)[0].transpose(0, 1).double().numpy()  # [N, P, D]
+        test = padim.embed(NORMAL[:1])[0].transpose(0, 1).double().numpy()
         got = padim.distance_map(NORMAL[:1]).flatten()
     for p in (0, 37, 255):
         mean = train[:, p].mean(0)

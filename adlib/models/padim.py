@@ -16,7 +16,7 @@ import torch
 
 from adlib.backbones import FeatureExtractor
 from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext
-from adlib.models.components.features import concat_feature_maps
+from adlib.models.components.features import position_major_embedding
 from adlib.models.components.gaussian import PositionGaussianAccumulator, mahalanobis
 from adlib.models.components.maps import gaussian_blur2d, max_score, upsample_map
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -61,15 +61,17 @@ class Padim(AnomalyModel):
         index = random_channel_subset(total, self.n_features, seed=context.seed)
         self.feature_index.copy_(index.to(self.feature_index.device))
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, D, h, w]`` embedding: layers on the finest grid, the chosen channels."""
-        maps = self.feature_extractor(self.normalize_input(images))
-        return concat_feature_maps([m.float() for m in maps], mode="nearest", channels=self.feature_index)
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Position-major ``[h * w, B, D]`` embedding (layers on the finest grid, the chosen
+        channels) and the grid size ``(h, w)``."""
+        maps = [m.float() for m in self.feature_extractor(self.normalize_input(images))]
+        grid = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
+        return position_major_embedding(maps, channels=self.feature_index), grid
 
     def collect(self, images: torch.Tensor) -> None:
         if self._stats is None:
             self._stats = PositionGaussianAccumulator()
-        self._stats.add(self.embed(images).flatten(2).transpose(1, 2))
+        self._stats.add(self.embed(images)[0])
 
     def finalize(self) -> None:
         if self._stats is None or self._stats.count == 0:
@@ -82,12 +84,11 @@ class Padim(AnomalyModel):
         """Mahalanobis distances on the feature grid, ``[B, h, w]`` (before upsampling and blur)."""
         if self.gaussian_mean.shape[0] == 0:
             raise RuntimeError("PaDiM is not fitted: run collect() on training images and finalize() first")
-        emb = self.embed(images)
-        b, _, h, w = emb.shape
+        emb, (h, w) = self.embed(images)
         if h * w != self.gaussian_mean.shape[0]:
             raise ValueError(f"PaDiM was fitted on a grid of {self.gaussian_mean.shape[0]} positions but these "
                              f"images give {h}x{w}: predict at the training image size")
-        return mahalanobis(emb.flatten(2).transpose(1, 2), self.gaussian_mean, self.inv_covariance).reshape(b, h, w)
+        return mahalanobis(emb, self.gaussian_mean, self.inv_covariance).reshape(emb.shape[1], h, w)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:

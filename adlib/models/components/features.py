@@ -25,6 +25,35 @@ def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest",
     return torch.cat(resized, dim=1)
 
 
+def position_major_embedding(maps: Sequence[torch.Tensor], channels: torch.Tensor | None = None) -> torch.Tensor:
+    """``[H * W, B, D]``: the nearest-upsampled concatenation of ``maps`` (optionally only the
+    sorted global ``channels``), positions first.
+
+    Equals ``concat_feature_maps(maps, "nearest", channels).flatten(2).permute(2, 0, 1)`` but
+    writes every layer once, straight into the per-position layout that per-position statistics
+    need (a full-resolution transpose of the embedding is several times slower).
+    """
+    if not maps:
+        raise ValueError("position_major_embedding needs at least one feature map")
+    height, width = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    if channels is not None:
+        maps = _select_channels(maps, channels)
+    batch, dim = maps[0].shape[0], sum(m.shape[1] for m in maps)
+    out = torch.empty(height, width, batch, dim, dtype=maps[0].dtype, device=maps[0].device)
+    start = 0
+    for m in maps:
+        c, (h, w) = m.shape[1], m.shape[-2:]
+        target = out[:, :, :, start:start + c]
+        if height % h == 0 and width % w == 0:  # whole factors: nearest = repeat rows and columns
+            fh, fw = height // h, width // w
+            source = m.permute(2, 3, 0, 1)[:, None, :, None].expand(h, fh, w, fw, batch, c)
+            target.view(h, fh, w, fw, batch, c).copy_(source)
+        else:
+            target.copy_(_resize(m, (height, width), "nearest").permute(2, 3, 0, 1))
+        start += c
+    return out.view(height * width, batch, dim)
+
+
 def _select_channels(maps: Sequence[torch.Tensor], channels: torch.Tensor) -> list[torch.Tensor]:
     """Per-map slices of sorted global channel indices ``channels``."""
     chosen, offset = [], 0

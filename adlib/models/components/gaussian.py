@@ -8,7 +8,8 @@ import torch
 class PositionGaussianAccumulator:
     """Running sums for one Gaussian per spatial position, in bounded memory.
 
-    Feed ``[B, P, D]`` batches (``P`` positions, ``D`` features) with :meth:`add`; memory is
+    Feed position-major ``[P, B, D]`` batches (``P`` positions, ``B`` images, ``D`` features;
+    see :func:`~adlib.models.components.features.position_major_embedding`) with :meth:`add`; memory is
     ``P x D x D`` floats whatever the number of images. Sums are taken around a shift (the
     first batch's mean), which keeps the one-pass covariance accurate even in float32; the
     final statistics are computed in float64.
@@ -22,21 +23,21 @@ class PositionGaussianAccumulator:
 
     def add(self, features: torch.Tensor) -> None:
         if features.ndim != 3:
-            raise ValueError(f"expected [B, P, D] features, got shape {tuple(features.shape)}")
+            raise ValueError(f"expected [P, B, D] features, got shape {tuple(features.shape)}")
         x = features.float()
         if self._shift is None:
-            self._shift = x.mean(dim=0)
+            self._shift = x.mean(dim=1)
             p, d = self._shift.shape
             self._sum = torch.zeros(p, d, device=x.device)
             self._outer = torch.zeros(p, d, d, device=x.device)
-        elif x.shape[1:] != self._shift.shape:
-            raise ValueError(f"feature shape {tuple(x.shape[1:])} differs from the first batch's "
+        elif (x.shape[0], x.shape[2]) != tuple(self._shift.shape):
+            raise ValueError(f"feature shape {(x.shape[0], x.shape[2])} differs from the first batch's "
                              f"{tuple(self._shift.shape)}: all training images must have the same size")
-        centred = (x - self._shift).transpose(0, 1).contiguous()  # [P, B, D]; contiguous: 3x faster bmm
+        centred = (x - self._shift.unsqueeze(1)).contiguous()  # [P, B, D]; contiguous: 3x faster bmm
         self._sum += centred.sum(dim=1)
         with torch.autocast(device_type=x.device.type, enabled=False):
             self._outer.baddbmm_(centred.transpose(1, 2), centred)
-        self.count += x.shape[0]
+        self.count += x.shape[1]
 
     def mean(self) -> torch.Tensor:
         """``[P, D]`` mean (float32)."""
@@ -62,9 +63,9 @@ class PositionGaussianAccumulator:
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distance of ``[B, P, D]`` features to per-position Gaussians -> ``[B, P]``
-    (float32, also inside an autocast region)."""
+    """Mahalanobis distance of position-major ``[P, B, D]`` features to per-position Gaussians
+    -> ``[B, P]`` (float32, also inside an autocast region)."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        delta = (features.float() - mean.float()).transpose(0, 1).contiguous()  # [P, B, D]
+        delta = (features.float() - mean.float().unsqueeze(1)).contiguous()  # [P, B, D]
         weighted = torch.bmm(delta, inv_covariance.float())  # [P, B, D]
         return (weighted * delta).sum(-1).clamp_(min=0.0).sqrt_().transpose(0, 1)
