@@ -67,22 +67,39 @@ class BankSearch:
             raise ValueError(f"BankSearch needs a non-empty [N, D] bank, got shape {tuple(bank.shape)}")
         self.bank = bank.float()
         self.centre = self.bank.mean(dim=0)
-        self.centred = self.bank - self.centre
         self.chunk_elements = int(chunk_elements)
         self.prefilter = bf16_prefilter_available(bank.device) if prefilter is None else bool(prefilter)
+        self._centred: torch.Tensor | None = None  # float32 search only (the prefilter keeps `sorted`)
+        self.sorted: torch.Tensor | None = None  # centred rows in norm order (prefilter only)
         if self.prefilter:
             self._prepare_blocks(int(bank_block))
 
     def _prepare_blocks(self, bank_block: int) -> None:
-        norms = torch.linalg.vector_norm(self.centred, dim=1)
+        centred = self.bank - self.centre
+        norms = torch.linalg.vector_norm(centred, dim=1)
         self.order = torch.argsort(norms, stable=True)  # sorted position -> bank index
-        self.sorted = self.centred[self.order].contiguous()
+        self.position = torch.empty_like(self.order)
+        self.position[self.order] = torch.arange(len(self.order), device=self.order.device)
+        self.sorted = centred[self.order].contiguous()
+        del centred
         self.sorted_sq = norms[self.order].pow(2)
         augmented = _pad_columns(torch.cat([-2.0 * self.sorted, self.sorted_sq.unsqueeze(1)], dim=1))
         starts = list(range(0, self.sorted.shape[0], bank_block))
         self.block_starts = starts
         self.blocks = [augmented[s:s + bank_block].to(torch.bfloat16).contiguous() for s in starts]
         self.block_max_norm = torch.stack([norms[self.order[min(s + bank_block, len(norms)) - 1]] for s in starts])
+
+    def centred_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Bank rows ``index`` minus the bank mean."""
+        if self.sorted is not None:
+            return self.sorted[self.position[index]]
+        return self.centred_bank()[index]
+
+    def centred_bank(self) -> torch.Tensor:
+        """The whole bank minus its mean (kept once built)."""
+        if self._centred is None:
+            self._centred = self.bank - self.centre
+        return self._centred
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(distance [Q], index [Q])`` of each query's nearest bank row (Euclidean)."""
@@ -96,11 +113,11 @@ class BankSearch:
                 rows = max(1, self.chunk_elements // self.bank.shape[0])
                 index = torch.cat([self._search_chunk(q[r:r + rows]) for r in range(0, q.shape[0], rows)])
             # the winner's distance directly (no |q|^2 + |c|^2 - 2 q.c cancellation)
-            return torch.linalg.vector_norm(q - self.centred[index], dim=1), index
+            return torch.linalg.vector_norm(q - self.centred_rows(index), dim=1), index
 
     def _plain(self, q: torch.Tensor) -> torch.Tensor:
         """Nearest bank index of each centred query by plain float32 blocks."""
-        return nearest_neighbors(q, self.centred, k=1)[1].squeeze(1)
+        return nearest_neighbors(q, self.centred_bank(), k=1)[1].squeeze(1)
 
     def _search_chunk(self, q: torch.Tensor) -> torch.Tensor:
         """Nearest bank index of each centred query through the bfloat16 prefilter."""
