@@ -103,6 +103,21 @@ def test_feature_extractor_with_pip_backbones(name, layers, reductions):
     assert not any(p.requires_grad for p in extractor.parameters())
 
 
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
+def test_frozen_extractor_runs_channels_last_with_the_same_features(name):
+    layers = ["layer1", "layer2", "layer3"]
+    frozen = FeatureExtractor(name, layers, pretrained=False)  # seeded random init: same weights
+    plain = FeatureExtractor(name, layers, pretrained=False, frozen=False).eval()
+    assert frozen.model.conv1.weight.is_contiguous(memory_format=torch.channels_last) if name == "resnet18" \
+        else frozen.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = frozen(images), plain(images)
+    for g, w in zip(got, want):
+        assert g.is_contiguous()  # ordinary NCHW maps for the models
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 # backbone directory files ----------------------------------------------------------------------
 def test_pth_and_safetensors_files_in_backbone_dir(tmp_path):
     state = _random_state("resnet18")

