@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from matplotlib.colors import ListedColormap
 
 from adlib.evaluation.metrics import as_numpy, average_precision, binary_curve, check_binary, image_auroc
 from adlib.evaluation.thresholds import METHOD_TITLES
@@ -107,43 +106,14 @@ def plot_overlay(image: Any, mask: Any, amap: Any, threshold: float | None, path
     ``mask`` may be ``None`` (no ground truth). ``amap`` may have a lower resolution than the
     image (it is stretched over it). ``vmin``/``vmax`` fix the heat-map colour range, e.g. to the
     test set's score range so overlays are comparable; by default each map uses its own range.
-    ``threshold=None`` leaves the last panel with a note.
+    ``threshold=None`` leaves the last panel with a note. Drawn with Pillow
+    (:mod:`adlib.evaluation.overlay`).
     """
+    from adlib.evaluation.overlay import render_overlay
+
     img = _display_image(image)
     heat = as_numpy(amap, dtype=np.float32).squeeze()
     if heat.ndim != 2:
         raise ValueError(f"anomaly map must be [H,W], got shape {heat.shape}")
-    h, w = img.shape[:2]
-    extent = (0, w, h, 0)
-    cmap_gray = "gray" if img.ndim == 2 else None
-    fig, axes = new_figure(10.0, 2.9, ncols=4)
-    axes[0].imshow(img, cmap=cmap_gray, extent=extent)
-    axes[0].set_title("image", fontsize=9)
-    if mask is None:
-        axes[1].imshow(np.zeros((h, w)), cmap="gray", vmin=0, vmax=1, extent=extent)
-        _note(axes[1], "no ground truth")
-        axes[1].texts[-1].set_color("white")
-    else:
-        axes[1].imshow(as_numpy(mask).squeeze() != 0, cmap="gray", vmin=0, vmax=1, extent=extent)
-    axes[1].set_title("ground truth", fontsize=9)
-    axes[2].imshow(img, cmap=cmap_gray, extent=extent)
-    shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, extent=extent, vmin=vmin, vmax=vmax,
-                           interpolation="bilinear")
-    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    axes[2].set_title("heat map", fontsize=9)
-    axes[3].imshow(img, cmap=cmap_gray, extent=extent)
-    if threshold is None:
-        _note(axes[3], "no threshold")
-        axes[3].set_title("thresholded", fontsize=9)
-    else:
-        flagged = np.ma.masked_where(heat < threshold, np.ones_like(heat))
-        axes[3].imshow(flagged, cmap=ListedColormap([_ANOMALY_COLOR]), alpha=0.6, extent=extent,
-                       interpolation="nearest")
-        axes[3].set_title(f"score >= {threshold:.4g}", fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    mask_array = None if mask is None else as_numpy(mask).squeeze()
+    return render_overlay(img, mask_array, heat, threshold, path, title, vmin, vmax)
