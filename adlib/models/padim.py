@@ -16,7 +16,7 @@ import torch
 
 from adlib.backbones import FeatureExtractor
 from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext
-from adlib.models.components.features import position_major_embedding
+from adlib.models.components.features import finest_grid, position_major_embedding
 from adlib.models.components.gaussian import PositionGaussianAccumulator, mahalanobis
 from adlib.models.components.maps import gaussian_blur2d, max_score, upsample_map
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -65,8 +65,7 @@ class Padim(AnomalyModel):
         """Position-major ``[h * w, B, D]`` embedding (layers on the finest grid, the chosen
         channels) and the grid size ``(h, w)``."""
         maps = [m.float() for m in self.feature_extractor(self.normalize_input(images))]
-        grid = max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
-        return position_major_embedding(maps, channels=self.feature_index), grid
+        return position_major_embedding(maps, channels=self.feature_index), finest_grid(maps)
 
     def collect(self, images: torch.Tensor) -> None:
         if self._stats is None:

@@ -77,12 +77,14 @@ class _LazyState:
         self.fresh = torch.zeros(n, dtype=torch.long, device=device)  # centres [0, fresh) applied
         self.selected = torch.empty(num_select, dtype=torch.long, device=device)
         self.centres = torch.empty(num_select, x.shape[1], device=device)  # contiguous copies
+        self.centres_sq = torch.empty(num_select, device=device)
         self.count = 0
         self._select(first)
 
     def _select(self, index: int) -> None:
         self.selected[self.count] = index
         self.centres[self.count] = self.x[index]
+        self.centres_sq[self.count] = self.sq[index]
         self.bound[index] = -math.inf
         self.count += 1
 
@@ -104,8 +106,9 @@ class _LazyState:
                 continue
             gx, best = self.x[group], self.bound[group] - self.sq[group]  # compare |c|^2 - 2 x.c
             for c0 in range(since, self.count, cols):
-                c = self.centres[c0:min(c0 + cols, self.count)]
-                v = torch.addmm(c.pow(2).sum(1).unsqueeze(0), gx, c.t(), alpha=-2.0).amin(dim=1)
+                c1 = min(c0 + cols, self.count)
+                v = torch.addmm(self.centres_sq[c0:c1].unsqueeze(0), gx, self.centres[c0:c1].t(),
+                                alpha=-2.0).amin(dim=1)
                 torch.minimum(best, v, out=best)
             self.bound[group] = (best + self.sq[group]).clamp_(min=0.0)
             self.fresh[group] = self.count

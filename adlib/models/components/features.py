@@ -7,21 +7,21 @@ import torch
 import torch.nn.functional as F
 
 
-def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest",
-                        channels: torch.Tensor | None = None) -> torch.Tensor:
+def finest_grid(maps: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """The largest spatial size ``(H, W)`` among ``[B, C, h, w]`` maps (the shallowest layer's)."""
+    if not maps:
+        raise ValueError("need at least one feature map")
+    return max((tuple(m.shape[-2:]) for m in maps), key=lambda s: s[0] * s[1])
+
+
+def concat_feature_maps(maps: Sequence[torch.Tensor], mode: str = "nearest") -> torch.Tensor:
     """Resize every map to the largest spatial size among them and concatenate channels.
 
     ``maps``: ``[B, C_i, h_i, w_i]`` tensors. Returns ``[B, sum C_i, H, W]`` (channels in the
     given order). ``mode`` is the interpolation used for the smaller (deeper) maps.
-    ``channels``: optional sorted indices into the concatenated channels; only those are kept,
-    and they are picked *before* resizing (same result, less work).
     """
-    if not maps:
-        raise ValueError("concat_feature_maps needs at least one feature map")
-    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    if channels is not None:
-        maps = _select_channels(maps, channels)
-    resized = [m if m.shape[-2:] == size else _resize(m, size, mode) for m in maps if m.shape[1] > 0]
+    size = finest_grid(maps)
+    resized = [m if tuple(m.shape[-2:]) == size else _resize(m, size, mode) for m in maps]
     return torch.cat(resized, dim=1)
 
 
@@ -33,9 +33,7 @@ def position_major_embedding(maps: Sequence[torch.Tensor], channels: torch.Tenso
     writes every layer once, straight into the per-position layout that per-position statistics
     need (a full-resolution transpose of the embedding is several times slower).
     """
-    if not maps:
-        raise ValueError("position_major_embedding needs at least one feature map")
-    height, width = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    height, width = finest_grid(maps)
     if channels is not None:
         maps = _select_channels(maps, channels)
     batch, dim = maps[0].shape[0], sum(m.shape[1] for m in maps)
