@@ -1,10 +1,10 @@
-"""Notebook-friendly entry points with the seed's semantics: ``train`` and ``train_models``.
+"""Notebook-friendly entry points with the original specification's semantics: ``train`` and ``train_models``.
 
     from adlib import Settings, train
     settings = Settings(data_root="/data", backbone_dir="/weights", output_dir="outputs")
     train("mvtec", "bottle", "stfpm", settings=settings, num_epochs=50)
 
-Outputs go to ``<output_dir>/<dataset>/<category>/<model>/`` (the seed's layout); the manifest
+Outputs go to ``<output_dir>/<dataset>/<category>/<model>/`` (the original specification's layout); the manifest
 and decoded-image cache of a category are shared by every model trained on it.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, Sequence
 import pandas as pd
 
 from adlib.io import read_json
-from adlib.pipeline import evaluate_run, prepare_data, train_run
+from adlib.run import evaluate_run, prepare_data, train_run
 from adlib.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: data set names with a known layout; any other name is a custom (seed-format) data set
+#: data set names with a known layout; any other name is a custom (original-specification format) data set
 KNOWN_DATASETS = {"mvtec": "mvtec", "mvtec_ad": "mvtec", "visa": "visa", "btad": "btad"}
 #: directory names tried under the data root for each known data set
 _DATASET_DIRS = {"mvtec": ("mvtec", "MVTec", "mvtec_ad", "mvtec_anomaly_detection"),
@@ -58,28 +58,38 @@ def train(dataset: str | Sequence[str], category: str | Sequence[str], model: st
     """Train and evaluate ``model`` on every (data set, category); return their metrics.
 
     ``dataset`` and ``category`` take one name, a list, or ``"all"`` for every category. Each
-    (data set, category) gets its own model, as in the seed. ``overrides`` are registry options
-    (``num_epochs``, ``batch_size``, ``img_size``, ``normalize``, ``backbone``, ...).
+    (data set, category) gets its own model, as in the original specification, except for
+    configurations of scope "dataset" (the multi-class setting): they train ONE model on all
+    the given categories of a data set (in ``<output>/<dataset>/all/<model>``) and are evaluated
+    per category. ``overrides`` are registry options (``num_epochs``, ``batch_size``,
+    ``img_size``, ``normalize``, ``backbone``, ...).
     """
-    from adlib.models.registry import resolve_config
+    from adlib.models.registry import get_spec, resolve_config
 
     settings = settings or Settings.load()
     img_size = resolve_config(model, **overrides).train["img_size"]  # fails early on bad options
+    shared = get_spec(model).scope == "dataset"
     results = []
     for name in _as_list(dataset):
         cfg = dataset_config(name, settings)
+        manifests = {}
         for cat in _categories(cfg, category):
-            base = settings.output_dir / name / cat
-            manifest = prepare_data(cfg, cat, img_size, base / "manifest.parquet", settings.resolved_cache_dir,
-                                    calibration_fraction=calibration_fraction, seed=settings.seed)
-            run_dir = base / model
-            train_run(manifest, model, overrides, run_dir, settings, cache_root=settings.resolved_cache_dir,
-                      pretrained=pretrained, progress=progress)
-            evaluate_run(run_dir, manifest, settings, cache_root=settings.resolved_cache_dir,
-                         calibration=calibration, progress=progress)
-            metrics = read_json(run_dir / "metrics.json")
-            results.append({"dataset": name, "category": cat, "model": model, "run_dir": str(run_dir), **metrics})
-            log.info("%s/%s/%s: image AUROC %s", name, cat, model, metrics.get("image_auroc"))
+            manifests[cat] = prepare_data(cfg, cat, img_size, settings.output_dir / name / cat / "manifest.parquet",
+                                          settings.resolved_cache_dir, calibration_fraction=calibration_fraction,
+                                          seed=settings.seed)
+        groups = {"all": list(manifests)} if shared else {cat: [cat] for cat in manifests}
+        for train_name, cats in groups.items():
+            model_dir = settings.output_dir / name / train_name / model
+            train_run([manifests[c] for c in cats], model, overrides, model_dir, settings,
+                      cache_root=settings.resolved_cache_dir, pretrained=pretrained, progress=progress)
+            for cat in cats:
+                run_dir = settings.output_dir / name / cat / model
+                evaluate_run(run_dir, manifests[cat], settings, cache_root=settings.resolved_cache_dir,
+                             calibration=calibration, progress=progress, model_dir=model_dir)
+                metrics = read_json(run_dir / "metrics.json")
+                results.append({"dataset": name, "category": cat, "model": model, "run_dir": str(run_dir),
+                                **metrics})
+                log.info("%s/%s/%s: image AUROC %s", name, cat, model, metrics.get("image_auroc"))
     return results
 
 

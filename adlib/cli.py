@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from adlib.pipeline import evaluate_run
+    from adlib.run import evaluate_run
 
     settings = _settings(args)
     run_dir = evaluate_run(args.run_dir, args.manifest, settings, cache_root=settings.resolved_cache_dir,
@@ -69,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from adlib.pipeline import predict_images
+    from adlib.run import predict_images
 
     table = predict_images(args.run_dir, args.images, _settings(args), out_csv=args.out,
                            threshold_method=args.threshold_method, overlay_dir=args.overlays)
@@ -80,15 +80,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_list_models(args: argparse.Namespace) -> int:
     from adlib.models.registry import get_spec, list_models
 
+    from adlib.models.registry import aliases_of
+
     names = list_models(family=args.family, pattern=args.pattern)
-    if args.json:
-        print(json.dumps([{"name": n, "family": get_spec(n).family} for n in names], indent=2))
-        return 0
+    rows = []
     for name in names:
         spec = get_spec(name)
-        t = spec.train_defaults
-        print(f"{name:28s} {spec.family:18s} epochs={t.num_epochs:<4d} batch={t.batch_size:<3d} "
-              f"img={t.img_size:<4d} backbone={spec.model_defaults.get('backbone', '-')}")
+        t = spec.train
+        budget = f"{t.num_epochs} epochs" if t.max_steps is None else f"{t.max_steps} steps"
+        rows.append({"name": name, "family": spec.family, "scope": spec.scope, "train_labels": spec.train_labels,
+                     "budget": budget, "batch_size": t.batch_size, "img_size": t.img_size,
+                     "backbone": spec.model_defaults.get("backbone"), "aliases": aliases_of(name),
+                     "description": spec.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        facts = [row["family"], row["budget"], f"batch {row['batch_size']}", f"{row['img_size']} px"]
+        if row["backbone"]:
+            facts.append(str(row["backbone"]))
+        if row["scope"] == "dataset":
+            facts.append("one model per data set")
+        if row["train_labels"] == "labelled":
+            facts.append("trains on labelled anomalies")
+        aliases = f" (also: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        print(f"{row['name']}{aliases}\n    {' | '.join(facts)}\n    {row['description']}")
     return 0
 
 
@@ -105,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a registry option, e.g. --set num_epochs=5 --set backbone=resnet18")
     p.add_argument("--random-backbone", action="store_true", help="random-init backbones (tests only)")
     p.add_argument("--calibration", choices=["test", "calibration"], default="test",
-                   help="fit thresholds on the test split (the seed's way) or a held-out calibration split")
+                   help="fit thresholds on the test split (the original specification's way) or a held-out "
+                        "calibration split")
     p.add_argument("--calibration-fraction", type=float, default=0.0,
                    help="share of the test images held out as the calibration split")
     _add_settings_args(p)

@@ -1,26 +1,33 @@
-"""The one training loop that drives every model through the contract in :mod:`adlib.models.base`."""
+"""The one training loop that drives every model through the contract in :mod:`adlib.models.base`.
+
+``fit`` runs, in order: ``setup_fit``; the "before" data passes; the one pass (memory models)
+or the gradient phases; the "after" data passes; ``finalize``. Every optimiser step of every
+model, automatic or manual, goes through one :class:`Stepper`.
+"""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
 import random
 import resource
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from adlib.models.base import AnomalyModel, FitContext
+from adlib.models.base import (AnomalyModel, DataPass, FitContext, OptimizerSpec, Step, TrainBatch,
+                               check_phases)
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training cannot continue meaningfully."""
+    """The loss (or a weight) became NaN or infinite; training cannot continue meaningfully."""
 
 
 @dataclasses.dataclass
@@ -28,10 +35,15 @@ class FitReport:
     fit_seconds: float = 0.0
     epochs_run: int = 0
     steps: int = 0
+    total_steps: int = 0
+    optimizer_steps: int = 0
     loss_history: list[float] = dataclasses.field(default_factory=list)  # mean loss per epoch
-    val_history: list[float] = dataclasses.field(default_factory=list)  # validation AUROC per check
+    loss_terms: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # every logged key, per epoch
+    val_history: list[float] = dataclasses.field(default_factory=list)  # validation metric per check
+    val_metric: str | None = None
     stopped_early: bool = False
     stop_reason: str = ""
+    passes: dict[str, int] = dataclasses.field(default_factory=dict)  # data pass -> images seen
     peak_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
 
@@ -41,6 +53,25 @@ class FitReport:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "final_loss": self.final_loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitData:
+    """The data of one fit: the training loader, the held-out validation loader (normal images
+    carved from train, or None) and one endless iterator per declared auxiliary stream."""
+
+    train: DataLoader
+    validation: DataLoader | None = None
+    aux: Mapping[str, Iterator[torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Validator:
+    """What early stopping watches: ``evaluate(model) -> value`` with its name and direction."""
+
+    name: str
+    evaluate: Callable[[AnomalyModel], float | None]
+    higher_is_better: bool
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -66,22 +97,89 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _loss_value(out: torch.Tensor | dict) -> torch.Tensor:
-    loss = out["loss"] if isinstance(out, dict) else out
-    if not torch.isfinite(loss.detach()).all():
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(value.detach()).all():
         raise NonFiniteLossError(
-            f"training loss became {loss.item()}: the run is stopped. Try a lower learning rate, "
-            "mixed precision off (amp=False) or check the input data for constant images.")
-    return loss
+            f"training {what} became {value.detach().float().mean().item()}: the run is stopped. Try a lower "
+            "learning rate, mixed precision off (amp=False) or check the input data for constant images.")
+
+
+def as_specs(optimizers: Iterable[OptimizerSpec | torch.optim.Optimizer]) -> list[OptimizerSpec]:
+    """Bare optimisers become always-active specs on the ``"loss"`` key."""
+    specs = [o if isinstance(o, OptimizerSpec) else OptimizerSpec(o) for o in optimizers]
+    if not specs:
+        raise ValueError("configure_optimizers() returned no optimiser")
+    return specs
+
+
+class Stepper:
+    """Owns the AMP gradient scaler, unscale + gradient clipping, the NaN/inf check and the
+    step-interval schedulers of a fit's optimisers.
+
+    Automatic models are stepped by the loop; models with ``manual_optimization`` call
+    :meth:`step` themselves as often as they need (it is correct under AMP on CUDA).
+    """
+
+    def __init__(self, specs: list[OptimizerSpec], *, amp: bool = False, grad_clip_norm: float | None = None,
+                 device_type: str = "cpu") -> None:
+        self.specs = specs
+        self.scaler = torch.amp.GradScaler(device_type if device_type == "cuda" else "cpu", enabled=amp)
+        self.grad_clip_norm = grad_clip_norm
+        self.optimizer_steps = 0
+        #: gradient norm (before clipping) of the last step of each optimiser
+        self.last_grad_norm: dict[int, float] = {}
+
+    def index(self, which: int | str) -> int:
+        """An optimiser by position, or by the loss key its spec minimises."""
+        if isinstance(which, int):
+            return which
+        for i, spec in enumerate(self.specs):
+            if spec.loss == which:
+                return i
+        raise KeyError(f"no optimiser minimises {which!r}; loss keys: {[s.loss for s in self.specs]}")
+
+    def active(self, phase: str) -> list[int]:
+        return [i for i, s in enumerate(self.specs) if s.phase is None or s.phase == phase]
+
+    def step(self, loss: torch.Tensor, which: int | str = 0, *, retain_graph: bool = False,
+             update: bool = True) -> None:
+        """zero_grad -> scaled backward -> unscale -> clip -> optimiser step -> (scaler update) ->
+        step-interval scheduler."""
+        spec = self.specs[self.index(which)]
+        _check_finite(loss, f"loss '{spec.loss}'")
+        spec.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(spec.optimizer)
+            params = [p for group in spec.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            self.last_grad_norm[self.index(which)] = float(norm)
+        self.scaler.step(spec.optimizer)
+        if update:
+            self.scaler.update()
+        if spec.scheduler is not None and spec.interval == "step":
+            spec.scheduler.step()
+        self.optimizer_steps += 1
+
+    def end_epoch(self, phase: str) -> None:
+        """Step the epoch-interval schedulers of the optimisers active in ``phase``."""
+        for i in self.active(phase):
+            spec = self.specs[i]
+            if spec.scheduler is not None and spec.interval == "epoch":
+                spec.scheduler.step()
 
 
 class _EarlyStopping:
-    """The seed's early stopping: ``patience`` checks without improvement, or a target value."""
+    """``patience`` checks without improvement, or a target value."""
 
     def __init__(self, patience: int | None, target: float | None, higher_is_better: bool) -> None:
         self.patience, self.target, self.higher = patience, target, higher_is_better
         self.best: float | None = None
         self.bad_checks = 0
+
+    @property
+    def active(self) -> bool:
+        return self.patience is not None or self.target is not None
 
     def update(self, value: float) -> str:
         """Return a reason to stop, or "" to go on."""
@@ -97,36 +195,82 @@ class _EarlyStopping:
         return ""
 
 
-def fit(model: AnomalyModel, train_loader: DataLoader, context: FitContext, *,
-        num_epochs: int = 1, max_steps: int | None = None, amp: bool = True,
-        validate: Callable[[AnomalyModel], float | None] | None = None, validate_every: int | None = None,
+def schedule_length(steps_per_epoch: int, num_epochs: int | None, max_steps: int | None) -> tuple[int, int]:
+    """(total steps, epochs) of a fit: whichever of the epoch and step budgets ends first."""
+    if steps_per_epoch < 1:
+        raise ValueError("the training loader is empty: there are no training batches (fewer images than "
+                         "one batch with drop_last?)")
+    budgets = [b for b in (None if num_epochs is None else num_epochs * steps_per_epoch, max_steps) if b is not None]
+    if not budgets:
+        raise ValueError("a gradient model needs num_epochs or max_steps (both are None)")
+    total = min(budgets)
+    if total < 1:
+        raise ValueError(f"the training budget is {total} steps (num_epochs={num_epochs}, max_steps={max_steps}); "
+                         "give a positive num_epochs or max_steps")
+    return total, math.ceil(total / steps_per_epoch)
+
+
+def phase_at(index: int, total: int, phases: tuple[tuple[str, float], ...]) -> str:
+    """The phase active at step ``index`` of ``total``: phase k covers the steps from
+    ``round(total * sum(fractions[:k]))`` up to the next boundary."""
+    edge = 0.0
+    for name, fraction in phases:
+        edge += fraction
+        if index < round(total * edge):
+            return name
+    return phases[-1][0]
+
+
+def to_train_batch(batch: Mapping, device: torch.device, aux: Mapping[str, Iterator[torch.Tensor]]) -> TrainBatch:
+    """A loader dict (``image``, ``label``, ``mask``) plus one batch of each stream, on ``device``."""
+    images = batch["image"].to(device, non_blocking=True)
+    labels = torch.as_tensor(batch["label"]).to(device)
+    masks = batch.get("mask")
+    masks = (masks.to(device, non_blocking=True) if masks is not None
+             else torch.zeros(images.shape[0], 1, *images.shape[-2:], device=device))
+    return TrainBatch(images, labels, masks, {name: next(it).to(device, non_blocking=True) for name, it in aux.items()})
+
+
+def fit(model: AnomalyModel, data: FitData | DataLoader, context: FitContext, *,
+        num_epochs: int | None = 1, max_steps: int | None = None, amp: bool = True,
+        grad_clip_norm: float | None = None, validator: Validator | None = None, validate_every: int | None = None,
         early_stopping_patience: int | None = None, early_stopping_target: float | None = None,
         progress: bool = True) -> FitReport:
-    """Train ``model`` on the normal images of ``train_loader``; return timing, losses and memory.
+    """Train ``model``; return timing, losses and memory.
 
-    ``validate`` (optional) returns a validation image AUROC; with ``validate_every`` it is called
-    every that many epochs and drives early stopping. Without it, early stopping watches the
-    epoch's mean training loss.
+    ``context`` gives the device, seed and image size; the epochs and steps this fit runs are
+    filled in here. ``validator`` (with ``validate_every``) drives early stopping; without it,
+    early stopping watches the epoch's mean training loss.
     """
+    data = data if isinstance(data, FitData) else FitData(train=data)
     device = context.device
     model.to(device)
+    check_phases(model.phases, type(model).__name__)
     report = FitReport()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    model.setup_fit(context)
-
+    steps_per_epoch = len(data.train)
     if model.learns_by == "one_pass":
-        _collect_pass(model, train_loader, device, progress, desc="collect")
+        total, epochs = 0, 1
+    else:
+        total, epochs = schedule_length(steps_per_epoch, num_epochs, max_steps)
+    context = dataclasses.replace(context, num_epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
+                                  num_train_images=len(data.train.dataset))
+    report.total_steps = total
+    model.setup_fit(context)
+    _data_passes(model, data, "before", device, report, progress)
+    if model.learns_by == "one_pass":
+        _run_pass(model, DataPass("fit", "before"), data.train, device, report, progress)
         report.epochs_run = 1
     else:
-        _gradient_epochs(model, train_loader, device, report, num_epochs=num_epochs, max_steps=max_steps,
-                         amp=amp and device.type == "cuda", validate=validate, validate_every=validate_every,
-                         stopper=_EarlyStopping(early_stopping_patience, early_stopping_target,
-                                                higher_is_better=validate is not None and bool(validate_every)),
-                         progress=progress)
-        if model.post_fit_pass:
-            _collect_pass(model, train_loader, device, progress, desc="post-fit pass")
+        stopper = _EarlyStopping(early_stopping_patience, early_stopping_target,
+                                 higher_is_better=validator.higher_is_better if validator else False)
+        _gradient_epochs(model, data, device, report, total=total, epochs=epochs, amp=amp and device.type == "cuda",
+                         grad_clip_norm=grad_clip_norm, validator=validator, validate_every=validate_every,
+                         stopper=stopper, progress=progress)
+        _check_weights(model)
+    _data_passes(model, data, "after", device, report, progress)
     model.eval()
     with torch.no_grad():
         model.finalize()
@@ -138,71 +282,100 @@ def fit(model: AnomalyModel, train_loader: DataLoader, context: FitContext, *,
     return report
 
 
-def _collect_pass(model: AnomalyModel, loader: DataLoader, device: torch.device, progress: bool, desc: str) -> None:
+def _data_passes(model: AnomalyModel, data: FitData, when: str, device, report: FitReport, progress: bool) -> None:
+    for data_pass in model.data_passes:
+        if data_pass.when != when:
+            continue
+        loader = data.train if data_pass.split == "train" else data.validation
+        if loader is None:
+            raise ValueError(f"{type(model).__name__}'s data pass {data_pass.name!r} needs the validation split, but "
+                             "this run has none: set validation_fraction > 0 (normal training images held out)")
+        _run_pass(model, data_pass, loader, device, report, progress)
+        model.end_pass(data_pass.name)
+
+
+def _run_pass(model: AnomalyModel, data_pass: DataPass, loader: DataLoader, device, report: FitReport,
+              progress: bool) -> None:
     from tqdm.auto import tqdm
 
     model.eval()
+    seen = 0
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            model.collect(batch["image"].to(device, non_blocking=True))
+        for batch in tqdm(loader, desc=f"{data_pass.name} pass", disable=not progress, leave=False):
+            train_batch = to_train_batch(batch, device, {})
+            model.collect(train_batch, data_pass.name)
+            seen += len(train_batch)
+    report.passes[data_pass.name] = seen
 
 
-def _gradient_epochs(model, loader, device, report: FitReport, *, num_epochs, max_steps, amp, validate,
-                     validate_every, stopper: _EarlyStopping, progress: bool) -> None:
+def _check_weights(model: AnomalyModel) -> None:
+    """NaN weights are caught here, not at evaluation."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            raise NonFiniteLossError(f"weight {name} became NaN/inf during training: the run is stopped. Try a "
+                                     "lower learning rate or mixed precision off (amp=False).")
+
+
+def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitReport, *, total: int, epochs: int,
+                     amp: bool, grad_clip_norm: float | None, validator: Validator | None,
+                     validate_every: int | None, stopper: _EarlyStopping, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    optimizers = model.configure_optimizers()
-    schedulers = model.configure_schedulers(optimizers)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    epochs = num_epochs if max_steps is None else math.ceil(max_steps / max(len(loader), 1))
-    bar = tqdm(total=epochs * len(loader) if max_steps is None else max_steps, disable=not progress,
-               desc=f"train {type(model).__name__}", leave=False)
+    stepper = Stepper(as_specs(model.configure_optimizers()), amp=amp, grad_clip_norm=grad_clip_norm,
+                      device_type=device.type)
+    bar = tqdm(total=total, disable=not progress, desc=f"train {type(model).__name__}", leave=False)
+    index, phase = 0, phase_at(0, total, model.phases)
     for epoch in range(epochs):
         model.train()
-        losses = []
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
+        terms: dict[str, list[float]] = {}
+        for batch in itertools.islice(data.train, total - index):
+            phase = phase_at(index, total, model.phases)
+            step = Step(index=index, epoch=epoch, total=total, phase=phase)
+            train_batch = to_train_batch(batch, device, data.aux)
             with torch.autocast(device_type=device.type, enabled=amp):
-                if model.manual_optimization:
-                    loss = _loss_value(model.training_step(images, optimizers))
-                else:
-                    loss = _loss_value(model.training_step(images))
+                out = model.training_step(train_batch, step, stepper if model.manual_optimization else None)
+            out = out if isinstance(out, dict) else {"loss": out}
             if not model.manual_optimization:
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-            losses.append(float(loss.detach()))
-            report.steps += 1
+                active = stepper.active(phase)
+                for position, i in enumerate(active):
+                    last = position == len(active) - 1
+                    stepper.step(out[stepper.specs[i].loss], i, retain_graph=not last, update=last)
+            logged = {key: float(value.detach().float().mean()) for key, value in out.items()}
+            for key, value in logged.items():
+                terms.setdefault(key, []).append(value)
+            index += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4g}")
-            if max_steps is not None and report.steps >= max_steps:
-                break
-        for scheduler in schedulers:
-            scheduler.step()
+            bar.set_postfix(epoch=epoch + 1, phase=phase, loss=f"{logged.get('loss', float('nan')):.4g}")
+        stepper.end_epoch(phase)
         model.on_epoch_end(epoch)
-        report.epochs_run = epoch + 1
-        report.loss_history.append(float(np.mean(losses)) if losses else float("nan"))
-        reason = _check_stop(model, report, stopper, epoch, validate, validate_every)
-        if max_steps is not None and report.steps >= max_steps:
-            reason = reason or f"reached max_steps={max_steps}"
-            break
+        report.epochs_run, report.steps = epoch + 1, index
+        means = {key: float(np.mean(values)) for key, values in terms.items()}
+        for key, value in means.items():
+            report.loss_terms.setdefault(key, []).append(value)
+        report.loss_history.append(means.get("loss", float(np.sum(list(means.values()))) if means else float("nan")))
+        reason = _check_stop(model, report, stopper, epoch, validator, validate_every)
         if reason:
             report.stopped_early, report.stop_reason = True, reason
             log.info("early stopping after epoch %d: %s", epoch + 1, reason)
             break
+        if index >= total:
+            break
+    if not report.stop_reason:
+        report.stop_reason = f"completed {index} of {total} steps"
+    report.optimizer_steps = stepper.optimizer_steps
     bar.close()
 
 
-def _check_stop(model, report: FitReport, stopper: _EarlyStopping, epoch: int, validate, validate_every) -> str:
-    if validate is not None and validate_every and (epoch + 1) % validate_every == 0:
-        auroc = validate(model)
-        if auroc is None:
+def _check_stop(model, report: FitReport, stopper: _EarlyStopping, epoch: int, validator: Validator | None,
+                validate_every: int | None) -> str:
+    if validator is not None and validate_every and (epoch + 1) % validate_every == 0:
+        value = validator.evaluate(model)
+        model.train()
+        if value is None:
             return ""
-        report.val_history.append(float(auroc))
-        return stopper.update(float(auroc))
-    if validate is None and (stopper.patience is not None or stopper.target is not None):
+        report.val_metric = validator.name
+        report.val_history.append(float(value))
+        return stopper.update(float(value)) if stopper.active else ""
+    if validator is None and stopper.active:
         return stopper.update(report.loss_history[-1])
     return ""

@@ -18,32 +18,15 @@ each is reported (other load on a shared machine only ever slows a run down).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from runner import RunFailed, run_isolated
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-
-
-def _worker(args: argparse.Namespace) -> None:
-    """Train + evaluate one model in this process; print its numbers as JSON."""
-    from adlib.pipeline import evaluate_run, train_run
-    from adlib.settings import Settings
-
-    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0)
-    overrides = json.loads(args.overrides)
-    run_dir = Path(args.out) / args.worker
-    train_run(args.manifest, args.worker, overrides, run_dir, settings, cache_root=args.cache, progress=False)
-    start = time.perf_counter()
-    evaluate_run(run_dir, args.manifest, settings, cache_root=args.cache, progress=False)
-    eval_seconds = time.perf_counter() - start
-    fit_report = json.loads((run_dir / "fit.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(json.dumps({"fit": fit_report, "metrics": metrics, "eval_seconds": eval_seconds}))
 
 
 def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str], img_size: int, batch: int,
@@ -96,17 +79,10 @@ def main() -> None:
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"],
                         help="models that have no backbone option")
     parser.add_argument("--repeats", type=int, default=1, help="runs per model and floor passes (fastest kept)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--manifest", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return _worker(args)
 
     from adlib.models.registry import get_spec
-    from adlib.pipeline import prepare_data
+    from adlib.run import prepare_data
 
     root = Path(args.data_root)
     if not (root / args.category).is_dir():
@@ -124,15 +100,13 @@ def main() -> None:
         if "backbone" in get_spec(model).model_defaults and model not in args.no_backbone_override:
             overrides["backbone"] = args.backbone
         layers = get_spec(model).model_defaults.get("layers", ["layer2", "layer3"])
-        cmd = [sys.executable, __file__, "--worker", model, "--manifest", str(manifest), "--cache", str(cache),
-               "--out", str(work / "runs"), "--overrides", json.dumps(overrides), "--data-root", str(root)]
-        runs = [subprocess.run(cmd, capture_output=True, text=True) for _ in range(max(1, args.repeats))]
-        failed = [r for r in runs if r.returncode != 0]
-        if failed:
-            print(f"{model}: FAILED\n{failed[0].stderr[-3000:]}")
+        try:
+            runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root)
+                    for _ in range(max(1, args.repeats))]
+        except RunFailed as err:
+            print(f"{model}: FAILED\n{err}")
             continue
-        data = min((json.loads(r.stdout.strip().splitlines()[-1]) for r in runs),
-                   key=lambda d: d["fit"]["fit_seconds"] + d["eval_seconds"])
+        data = min(runs, key=lambda d: d["fit"]["fit_seconds"] + d["eval_seconds"])
         floor = backbone_floor(manifest, cache, overrides.get("backbone", args.backbone), list(layers),
                                args.img_size, int(data["metrics"]["batch_size"]), repeats=max(2, args.repeats)) \
             if "backbone" in overrides else None

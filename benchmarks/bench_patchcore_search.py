@@ -60,7 +60,7 @@ def main() -> None:
     from adlib.allocator import reuse_freed_memory
     from adlib.models.components.bank_search import BankSearch, bf16_prefilter_available
     from adlib.models.registry import create_model
-    from adlib.pipeline import prepare_data
+    from adlib.run import prepare_data
 
     reuse_freed_memory()
     work = Path(tempfile.mkdtemp(prefix="adlib-bench-search-"))

@@ -4,48 +4,48 @@
 rule leaderboard:
     input:
         metrics=RUNS.run_files("metrics.json"),
-        fit=RUNS.run_files("fit.json"),
-        config=RUNS.run_files("config.json"),
-        provenance=RUNS.run_files("provenance.json"),
+        fit=RUNS.train_files("fit.json"),
+        config=RUNS.train_files("config.json"),
+        provenance=RUNS.train_files("provenance.json"),
     output:
         csv=report(
-            "results/aggregate/leaderboard.csv",
+            P.aggregate("leaderboard.csv"),
             caption="../report/leaderboard.rst",
             category="Leaderboard",
             labels={"table": "all runs"},
         ),
-        parquet="results/aggregate/leaderboard.parquet",
+        parquet=P.aggregate("leaderboard.parquet"),
         summary=report(
-            "results/aggregate/summary_by_model.csv",
+            P.aggregate("summary_by_model.csv"),
             caption="../report/summary.rst",
             category="Leaderboard",
             labels={"table": "per model"},
         ),
-        ranks="results/aggregate/ranks.csv",
+        ranks=P.aggregate("ranks.csv"),
     params:
         metric=CONFIG["report"]["rank_metric"],
     log:
-        "results/logs/aggregate/leaderboard.log",
+        P.log("aggregate", "leaderboard"),
     benchmark:
-        "results/benchmarks/aggregate/leaderboard.tsv"
+        P.benchmark("aggregate", "leaderboard")
     script:
         "../scripts/leaderboard.py"
 
 
 rule statistics:
     input:
-        leaderboard="results/aggregate/leaderboard.parquet",
+        leaderboard=P.aggregate("leaderboard.parquet"),
         scores=RUNS.run_files("scores.parquet"),
     output:
-        json="results/aggregate/statistics.json",
+        json=P.aggregate("statistics.json"),
         cd=report(
-            "results/aggregate/cd_diagram.png",
+            P.aggregate("cd_diagram.png"),
             caption="../report/cd_diagram.rst",
             category="Ranking",
             labels={"figure": "critical difference"},
         ),
         ci=report(
-            "results/aggregate/bootstrap_ci.csv",
+            P.aggregate("bootstrap_ci.csv"),
             caption="../report/bootstrap.rst",
             category="Ranking",
             labels={"figure": "bootstrap CI"},
@@ -57,20 +57,20 @@ rule statistics:
         confidence=CONFIG["report"]["confidence"],
         seed=CONFIG["report"]["seed"],
     log:
-        "results/logs/aggregate/statistics.log",
+        P.log("aggregate", "statistics"),
     benchmark:
-        "results/benchmarks/aggregate/statistics.tsv"
+        P.benchmark("aggregate", "statistics")
     script:
         "../scripts/statistics.py"
 
 
 rule cost:
     input:
-        leaderboard="results/aggregate/leaderboard.parquet",
+        leaderboard=P.aggregate("leaderboard.parquet"),
     output:
-        csv="results/aggregate/cost.csv",
+        csv=P.aggregate("cost.csv"),
         png=report(
-            "results/aggregate/cost.png",
+            P.aggregate("cost.png"),
             caption="../report/cost.rst",
             category="Cost",
             labels={"figure": "accuracy vs cost"},
@@ -78,7 +78,7 @@ rule cost:
     params:
         metric=CONFIG["report"]["rank_metric"],
     log:
-        "results/logs/aggregate/cost.log",
+        P.log("aggregate", "cost"),
     script:
         "../scripts/cost.py"
 
@@ -87,17 +87,17 @@ rule thresholds:
     input:
         metrics=RUNS.run_files("metrics.json"),
     output:
-        csv="results/aggregate/thresholds.csv",
-        parquet="results/aggregate/thresholds.parquet",
+        csv=P.aggregate("thresholds.csv"),
+        parquet=P.aggregate("thresholds.parquet"),
         md=report(
-            "results/aggregate/thresholds.md",
+            P.aggregate("thresholds.md"),
             caption="../report/thresholds.rst",
             category="Thresholds",
             labels={"table": "threshold analysis"},
         ),
     log:
-        "results/logs/aggregate/thresholds.log",
+        P.log("aggregate", "thresholds"),
     benchmark:
-        "results/benchmarks/aggregate/thresholds.tsv"
+        P.benchmark("aggregate", "thresholds")
     script:
         "../scripts/thresholds.py"

@@ -1,5 +1,6 @@
 # The one place where the configuration is validated and the run table is built.
-# Rules below only look things up in RUNS; the logic lives in adlib.workflow (tested there).
+# Rules below only look things up in RUNS and take their paths from P (adlib.workflow.paths);
+# the logic lives in adlib.workflow (tested there).
 import os
 
 from adlib import workflow as wf
@@ -10,9 +11,9 @@ try:
 except wf.ConfigError as err:
     raise WorkflowError(str(err)) from None
 config.update(CONFIG)  # script adapters read the validated config, defaults filled
-
-RUN = "results/runs/{dataset}/{category}/{model}/{seed}"
-RUN_LOG = "{dataset}/{category}/{model}/{seed}"
+P = RUNS.paths
+RUN = P.run_template
+RUN_KEY = wf.paths.RUN_KEY
 
 
 wildcard_constraints:
@@ -27,22 +28,36 @@ def run_manifest(wildcards):
     return RUNS.manifest(wildcards.dataset, wildcards.category, wildcards.model, wildcards.seed)
 
 
+def train_manifests(wildcards):
+    return RUNS.train_manifests(wildcards.dataset, wildcards.category, wildcards.model, wildcards.seed)
+
+
+def model_file(name):
+    def inputs(wildcards):
+        return RUNS.model_file(wildcards.dataset, wildcards.category, wildcards.model, wildcards.seed, name)
+
+    return inputs
+
+
 AGGREGATE_OUTPUTS = [
-    "results/aggregate/leaderboard.csv",
-    "results/aggregate/leaderboard.parquet",
-    "results/aggregate/summary_by_model.csv",
-    "results/aggregate/ranks.csv",
-    "results/aggregate/statistics.json",
-    "results/aggregate/cd_diagram.png",
-    "results/aggregate/bootstrap_ci.csv",
-    "results/aggregate/cost.csv",
-    "results/aggregate/cost.png",
-    "results/aggregate/thresholds.csv",
-    "results/aggregate/thresholds.parquet",
-    "results/aggregate/thresholds.md",
+    P.aggregate(name)
+    for name in (
+        "leaderboard.csv",
+        "leaderboard.parquet",
+        "summary_by_model.csv",
+        "ranks.csv",
+        "statistics.json",
+        "cd_diagram.png",
+        "bootstrap_ci.csv",
+        "cost.csv",
+        "cost.png",
+        "thresholds.csv",
+        "thresholds.parquet",
+        "thresholds.md",
+    )
 ]
 ENSEMBLE_OUTPUTS = [
-    f"results/ensemble/{name}"
+    P.ensemble(name)
     for name in (
         "candidates.csv",
         "correlation.csv",
@@ -53,4 +68,4 @@ ENSEMBLE_OUTPUTS = [
         "ensemble.html",
     )
 ]
-REPORT_OUTPUTS = ["results/report/index.html"]
+REPORT_OUTPUTS = [P.report("index.html")]

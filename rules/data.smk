@@ -1,19 +1,19 @@
 # One manifest + decoded-image cache per data set, category and image size, shared by all models.
-# Synthetic data sets are generated here too (under results/data/<name>, once per category).
+# Synthetic data sets are generated here too (under <results>/data/<name>, once per category).
 
 
 rule prepare:
     output:
-        manifest="results/prepared/{dataset}/{category}/{size}/manifest.parquet",
+        manifest=P.manifest,
     params:
         dataset=lambda wc: RUNS.prepare_config(wc.dataset),
         calibration_fraction=RUNS.calibration_fraction(),
         data_seed=CONFIG["data_seed"],
-        cache_root="results/cache",
+        cache_root=P.cache,
     log:
-        "results/logs/prepare/{dataset}/{category}/{size}.log",
+        P.log("prepare", "{dataset}/{category}/{size}"),
     benchmark:
-        "results/benchmarks/prepare/{dataset}/{category}/{size}.tsv"
+        P.benchmark("prepare", "{dataset}/{category}/{size}")
     threads: 1
     script:
         "../scripts/prepare.py"

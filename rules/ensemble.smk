@@ -3,27 +3,27 @@
 
 rule ensemble:
     input:
-        leaderboard="results/aggregate/leaderboard.parquet",
+        leaderboard=P.aggregate("leaderboard.parquet"),
         scores=RUNS.run_files("scores.parquet"),
     output:
-        candidates="results/ensemble/candidates.csv",
-        correlation="results/ensemble/correlation.csv",
+        candidates=P.ensemble("candidates.csv"),
+        correlation=P.ensemble("correlation.csv"),
         correlation_png=report(
-            "results/ensemble/correlation.png",
+            P.ensemble("correlation.png"),
             caption="../report/ensemble.rst",
             category="Ensemble",
             labels={"figure": "score correlation"},
         ),
-        results="results/ensemble/fusion_results.csv",
+        results=P.ensemble("fusion_results.csv"),
         summary=report(
-            "results/ensemble/fusion_summary.csv",
+            P.ensemble("fusion_summary.csv"),
             caption="../report/ensemble.rst",
             category="Ensemble",
             labels={"figure": "fusion summary"},
         ),
-        md="results/ensemble/ensemble.md",
+        md=P.ensemble("ensemble.md"),
         html=report(
-            "results/ensemble/ensemble.html",
+            P.ensemble("ensemble.html"),
             caption="../report/ensemble.rst",
             category="Ensemble",
             labels={"figure": "ensemble report"},
@@ -34,8 +34,8 @@ rule ensemble:
         fusions=CONFIG["ensemble"]["fusions"],
         metric=CONFIG["report"]["rank_metric"],
     log:
-        "results/logs/aggregate/ensemble.log",
+        P.log("aggregate", "ensemble"),
     benchmark:
-        "results/benchmarks/aggregate/ensemble.tsv"
+        P.benchmark("aggregate", "ensemble")
     script:
         "../scripts/ensemble.py"

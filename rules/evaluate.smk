@@ -1,12 +1,14 @@
 # Score the test split with a trained run: scores, maps, metrics, thresholds and pictures.
 # Models that produce anomaly maps also write maps.npz and overlays/; image-level-only models
-# (see the registry) use the second rule, which differs only in those outputs.
+# (see the registry) use the second rule, which differs only in those outputs. The trained model
+# comes from the run's train directory (the run itself, or <dataset>/all for dataset-scope runs).
 
 
 rule evaluate:
     input:
-        weights=f"{RUN}/model.safetensors",
-        config=f"{RUN}/config.json",
+        weights=model_file("model.safetensors"),
+        config=model_file("config.json"),
+        splits=model_file("splits.json"),
         manifest=run_manifest,
     output:
         scores=f"{RUN}/scores.parquet",
@@ -45,13 +47,13 @@ rule evaluate:
         model=lambda wc: RUNS.model_name(wc.model),
         calibration=CONFIG["calibration"]["method"],
         fingerprint=lambda wc: RUNS.eval_fingerprint(wc.model),
-        cache_root="results/cache",
+        cache_root=P.cache,
     wildcard_constraints:
         model=RUNS.model_pattern(produces_maps=True),
     log:
-        f"results/logs/evaluate/{RUN_LOG}.log",
+        P.log("evaluate", RUN_KEY),
     benchmark:
-        f"results/benchmarks/evaluate/{RUN_LOG}.tsv"
+        P.benchmark("evaluate", RUN_KEY)
     threads: 2
     resources:
         gpu=1,

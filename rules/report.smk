@@ -3,21 +3,21 @@
 
 rule report:
     input:
-        summary="results/aggregate/summary_by_model.csv",
-        statistics="results/aggregate/statistics.json",
-        cd="results/aggregate/cd_diagram.png",
-        cost="results/aggregate/cost.png",
-        thresholds="results/aggregate/thresholds.md",
-        ensemble="results/ensemble/ensemble.md",
-        correlation="results/ensemble/correlation.png",  # embedded via ensemble.md
+        summary=P.aggregate("summary_by_model.csv"),
+        statistics=P.aggregate("statistics.json"),
+        cd=P.aggregate("cd_diagram.png"),
+        cost=P.aggregate("cost.png"),
+        thresholds=P.aggregate("thresholds.md"),
+        ensemble=P.ensemble("ensemble.md"),
+        correlation=P.ensemble("correlation.png"),  # embedded via ensemble.md
     output:
         html=report(
-            "results/report/index.html",
+            P.report("index.html"),
             caption="../report/index.rst",
             category="Summary",
             labels={"page": "summary"},
         ),
     log:
-        "results/logs/aggregate/report.log",
+        P.log("aggregate", "report"),
     script:
         "../scripts/report.py"

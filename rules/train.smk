@@ -1,25 +1,27 @@
-# Train one model on one category with one seed. `fingerprint` hashes the adlib sources of this
-# model (its file, what it imports, the shared training modules): editing them reruns its runs.
+# Train one model on one category (or, for dataset-scope configurations, on every category of a
+# data set: category "all") with one seed. `fingerprint` hashes the adlib sources of this model
+# (its file, what it imports, the shared training modules): editing them reruns its runs.
 
 
 rule train:
     input:
-        manifest=run_manifest,
+        manifests=train_manifests,
     output:
         weights=f"{RUN}/model.safetensors",
         config=f"{RUN}/config.json",
         provenance=f"{RUN}/provenance.json",
         fit=f"{RUN}/fit.json",
+        splits=f"{RUN}/splits.json",
     params:
         model=lambda wc: RUNS.model_name(wc.model),
         overrides=lambda wc: RUNS.overrides(wc.model),
         pretrained=CONFIG["pretrained"],
         fingerprint=lambda wc: RUNS.train_fingerprint(wc.model),
-        cache_root="results/cache",
+        cache_root=P.cache,
     log:
-        f"results/logs/train/{RUN_LOG}.log",
+        P.log("train", RUN_KEY),
     benchmark:
-        f"results/benchmarks/train/{RUN_LOG}.tsv"
+        P.benchmark("train", RUN_KEY)
     threads: 2
     resources:
         gpu=1,

@@ -1,5 +1,5 @@
 """Rule prepare: manifest + decoded-image cache of one data set category at one image size."""
-from adlib.pipeline import prepare_data
+from adlib.run import prepare_data
 from adlib.workflow import job_context
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)

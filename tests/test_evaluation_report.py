@@ -1,4 +1,4 @@
-"""Results text in the seed's layout, metrics summary, and the PNG plots."""
+"""Results text in the original specification's layout, metrics summary, and the PNG plots."""
 import json
 
 import numpy as np

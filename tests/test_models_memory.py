@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
+from tiny import fit_on
 
 from adlib.models import create_model, resolve_config
 from adlib.models.components.features import (concat_feature_maps, local_patch_average, position_major_embedding,
@@ -38,11 +39,8 @@ TRAIN, NORMAL, DEFECT = texture(10, seed=1), texture(3, seed=2), texture(3, seed
 
 
 def fit_one_pass(name: str, **overrides):
-    model = create_model(name, backbone=BACKBONE, pretrained=False, **overrides).eval()
-    with torch.no_grad():
-        for batch in TRAIN.split(4):
-            model.collect(batch)
-        model.finalize()
+    model = create_model(name, backbone=BACKBONE, pretrained=False, **overrides)
+    fit_on(model, TRAIN, batch_size=4)
     return model
 
 
@@ -161,8 +159,7 @@ def test_padim_channel_subset_follows_the_run_seed():
 
     model = create_model("padim", backbone=BACKBONE, pretrained=False)
     first = model.feature_index.clone()
-    model.setup_fit(FitContext(device=torch.device("cpu"), num_epochs=1, steps_per_epoch=1,
-                               num_train_images=1, seed=7))
+    model.setup_fit(FitContext(device=torch.device("cpu"), seed=7))
     assert not torch.equal(first, model.feature_index)
     assert model.feature_index.unique().numel() == 100 and model.feature_index.max() < 64 + 128 + 256
 
@@ -231,10 +228,7 @@ def test_patchcore_capped_collection_and_float32_storage():
 def test_patchcore_on_efficientnet_lite_uses_its_input_stats():
     model = create_model("patchcore", backbone="tf_efficientnet_lite0", pretrained=False, embedding_dim=64)
     assert model._input_mean.flatten().tolist() == [0.5, 0.5, 0.5]
-    model.eval()
-    with torch.no_grad():
-        model.collect(TRAIN[:2])
-        model.finalize()
+    fit_on(model, TRAIN[:2])
     assert model.memory_bank.shape[1] == 64
     assert model.predict(NORMAL[:1]).maps.shape == (1, SIZE, SIZE)
 

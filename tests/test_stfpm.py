@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny import fit_on
 
-from adlib.models import create_model, resolve_config
+from adlib.models import TrainBatch, create_model, resolve_config
 from adlib.models.stfpm import feature_discrepancy
 
 BACKBONE = "resnet10t"
@@ -14,16 +15,8 @@ IMAGES = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
 
 
 def train_steps(model, steps: int) -> list[float]:
-    (optimizer,) = model.configure_optimizers()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model.training_step(IMAGES)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    """``steps`` optimiser steps on the same 4 images through the one loop (one batch an epoch)."""
+    return fit_on(model, IMAGES, batch_size=4, num_epochs=steps).loss_history
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def test_student_starts_different_from_a_random_teacher():
     model = create_model("stfpm", backbone=BACKBONE, pretrained=False)
     t, s = model.teacher.state_dict(), model.student.state_dict()
     assert any(not torch.equal(t[k], s[k]) for k in t if k.endswith("weight"))
-    assert model.training_step(IMAGES).item() > 0.01
+    assert model.training_step(TrainBatch.of(IMAGES), None).item() > 0.01
 
 
 def test_loss_is_half_squared_distance_of_normalised_features():
@@ -57,7 +50,7 @@ def test_loss_is_half_squared_distance_of_normalised_features():
         teacher, student = model.teacher(x), model.student(x)
         want = sum(0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1).mean()
                    for t, s in zip(teacher, student))
-        assert model.training_step(IMAGES).item() == pytest.approx(want.item(), rel=1e-5)
+        assert model.training_step(TrainBatch.of(IMAGES), None).item() == pytest.approx(want.item(), rel=1e-5)
     a = torch.tensor([[[[3.0]], [[4.0]]]])  # unit vector (0.6, 0.8) at one position
     b = torch.tensor([[[[-4.0]], [[3.0]]]])  # orthogonal unit vector
     assert feature_discrepancy(a, b).item() == pytest.approx(1.0)

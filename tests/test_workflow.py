@@ -36,7 +36,8 @@ def _error(config) -> str:
 # ---------------------------------------------------------------------------------------------- validation
 def test_defaults_are_filled_and_model_names_normalised():
     cfg = wf.validate_config(_config(), SCHEMA)
-    assert cfg["seeds"] == [0] and cfg["img_size"] == 256 and cfg["pretrained"] is True
+    assert cfg["seeds"] == [0] and cfg["img_size"] is None and cfg["pretrained"] is True
+    assert cfg["results"] == "results"
     assert cfg["calibration"] == {"method": "test", "fraction": 0.2} and cfg["data_seed"] == 0
     assert cfg["ensemble"] == {"top_k": 3, "normalizations": ["zscore", "minmax", "rank"], "fusions": ["mean", "max"]}
     assert cfg["report"]["rank_metric"] == "image_auroc" and cfg["report"]["bootstrap"] == 1000
@@ -126,13 +127,46 @@ def test_run_table():
     assert table.manifest("syn", "gear", big, 1) == "results/prepared/syn/gear/64/manifest.parquet"
     assert table.overrides(MODELS[0]) == {"img_size": 32} and table.overrides(big) == {"img_size": 64}
     assert table.model_name(big) == MODELS[1]
+    assert table.train_manifests("syn", "gear", big, 1) == ["results/prepared/syn/gear/64/manifest.parquet"]
+    assert table.model_file("syn", "gear", big, 1, "config.json") == f"results/runs/syn/gear/{big}/1/config.json"
     assert table.prepare_config("syn") == {"name": "syn", "layout": "synthetic", "root": "results/data/syn",
                                            "options": {}}
     assert table.calibration_fraction() == 0.3
-    assert len(table.run_files("metrics.json")) == 8
+    assert len(table.run_files("metrics.json")) == 8 == len(table.train_files("config.json"))
     maps = [m for m in MODELS if get_spec(m).cls.produces_maps]
     assert table.model_pattern(True) == ("|".join(maps) or "(?!)")
     assert table.model_pattern(False) == ("|".join(m for m in MODELS if m not in maps) or "(?!)")
+
+
+def test_image_size_follows_the_registered_configuration_unless_overridden():
+    models = ["padim", "fastflow-cait", {"name": "fastflow-deit", "overrides": {"img_size": 96}}]
+    table = wf.build_run_table(wf.validate_config(_config(models=models), SCHEMA))
+    assert {label: table.img_size(label) for label in table.models} == {"padim": 256, "fastflow-cait": 448,
+                                                                          "fastflow-deit": 96}
+    assert table.manifest("syn", "widget", "fastflow-cait", 0) == "results/prepared/syn/widget/448/manifest.parquet"
+    forced = wf.build_run_table(wf.validate_config(_config(models=models, img_size=64), SCHEMA))
+    assert forced.img_size("fastflow-cait") == 64 and forced.img_size("fastflow-deit") == 96
+
+
+def test_dataset_scope_configurations_train_once_per_data_set():
+    from adlib.models import registry
+
+    spec = registry.register_variant("padim-scope-test", base="padim", scope="dataset")
+    try:
+        cfg = wf.validate_config(_config(models=["padim", "padim-scope-test"], results="study1"), SCHEMA)
+        table = wf.build_run_table(cfg)
+        assert len(table) == 4  # evaluated per category
+        shared = [r for r in table.runs if r.model == "padim-scope-test"]
+        assert {r.train_dir for r in shared} == {"study1/runs/syn/all/padim-scope-test/0"}
+        assert [r.run_dir for r in shared] == ["study1/runs/syn/widget/padim-scope-test/0",
+                                               "study1/runs/syn/gear/padim-scope-test/0"]
+        assert table.train_manifests("syn", "all", "padim-scope-test", 0) == [
+            "study1/prepared/syn/widget/256/manifest.parquet", "study1/prepared/syn/gear/256/manifest.parquet"]
+        assert table.model_file("syn", "gear", "padim-scope-test", 0, "model.safetensors") == \
+            "study1/runs/syn/all/padim-scope-test/0/model.safetensors"
+        assert len(table.train_files("fit.json")) == 3  # padim x 2 categories + one shared job
+    finally:
+        registry._REGISTRY.pop(spec.name)
 
 
 def test_run_settings():
@@ -145,28 +179,27 @@ def test_run_settings():
 def test_model_sources_exclude_other_models():
     own = get_spec(MODELS[0]).cls.__module__
     other = get_spec(MODELS[1]).cls.__module__
-    files = wf.source_files((own, *wf.TRAIN_SHARED_MODULES), exclude=frozenset({other}),
-                            leaves=wf.TRAIN_SHARED_FILES)
-    assert own in files and other not in files and "adlib.training" in files and "adlib.pipeline" in files
-    assert "adlib.evaluation.metrics" not in files  # pipeline is hashed, its imports are not followed
+    files = wf.source_files((own, *wf.TRAIN_SHARED_MODULES), exclude=frozenset({other}))
+    assert own in files and other not in files and "adlib.training" in files and "adlib.run.train" in files
+    assert "adlib.run.evaluate" not in files and "adlib.evaluation.plots" not in files  # evaluation never retrains
     assert wf.model_fingerprint(MODELS[0]) != wf.model_fingerprint(MODELS[1])
 
 
 _FINGERPRINT_SCRIPT = """
 import json, sys
 from pathlib import Path
-from adlib import workflow as wf
+from adlib.workflow import fingerprints as fp
 from adlib.models.registry import get_spec
 names = sys.argv[1:3]
 def state():
-    wf.model_fingerprint.cache_clear(); wf.evaluation_fingerprint.cache_clear(); wf._imports.cache_clear()
-    return {**{n: wf.model_fingerprint(n) for n in names}, "eval": wf.evaluation_fingerprint()}
+    fp.model_fingerprint.cache_clear(); fp.evaluation_fingerprint.cache_clear(); fp._imports.cache_clear()
+    return {**{n: fp.model_fingerprint(n) for n in names}, "eval": fp.evaluation_fingerprint()}
 def touch(module):
-    path = wf._module_file(module)
+    path = fp._module_file(module)
     path.write_text(path.read_text() + "\\n# edited\\n")
-out = {"root": str(wf._package_root()), "before": state()}
+out = {"root": str(fp._package_root()), "before": state()}
 touch(get_spec(names[0]).cls.__module__); out["model_edit"] = state()
-touch("adlib.evaluation.metrics"); out["eval_edit"] = state()
+touch("adlib.evaluation.plots"); out["eval_edit"] = state()
 touch("adlib.training"); out["training_edit"] = state()
 print(json.dumps(out))
 """

@@ -7,6 +7,7 @@ after a failed run.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -171,3 +172,28 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
     check(sm(config, "--report", str(work / "report.html")))
     html = (work / "report.html").read_text()
     assert "leaderboard.csv" in html and "cd_diagram.png" in html and "overlay" in html
+
+
+# ---------------------------------------------------------------------------------------------- image sizes
+#: fastflow-cait as registered (448 px, block 40 of CaiT-M48) but built small: same code path
+SMALL_CAIT = {"name": "fastflow-cait", "overrides": {"backbone_kwargs": {"depth": 2}, "vit_block": 1, "flow_steps": 2,
+                                                      "batch_size": 2, "max_steps": 1}}
+
+
+def test_models_of_different_registered_sizes_prepare_each_size_once(tmp_path):
+    config = tiny_config(img_size=None, models=[{"name": "padim", "overrides": {"backbone": "tf_efficientnet_lite0"}},
+                                                SMALL_CAIT])
+    jobs = planned(check(snakemake(tmp_path, config, "-n")))
+    prepared = sorted(w["size"] for rule, w in jobs if rule == "prepare")
+    assert prepared == ["256", "448"]
+
+
+@pytest.mark.slow
+def test_fastflow_cait_trains_at_its_registered_448_px(tmp_path):
+    config = tiny_config(img_size=None, models=[SMALL_CAIT])
+    check(snakemake(tmp_path, config))
+    run = tmp_path / "results/runs/syn/widget/fastflow-cait/0"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["img_size"] == 448 and saved["model"]["backbone"] == "cait_m48_448"
+    assert (tmp_path / "results/prepared/syn/widget/448/manifest.parquet").is_file()
+    assert json.loads((run / "metrics.json").read_text())["image_auroc"] is not None

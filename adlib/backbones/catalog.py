@@ -1,6 +1,6 @@
 """Conventional weight-file names per backbone and the command that fetches each one.
 
-The backbone directory (the seed's ``backbones/``) holds one file per architecture under a
+The backbone directory (the original specification's ``backbones/``) holds one file per architecture under a
 conventional name. For any name ``N`` these relative paths are tried, in order::
 
     N.safetensors, N/model.safetensors, N.pth, N.pt, N.bin, N/pytorch_model.bin, N/model.pth

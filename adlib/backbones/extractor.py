@@ -1,6 +1,6 @@
-"""timm-based multi-layer feature extractor that accepts the seed's layer names.
+"""timm-based multi-layer feature extractor that accepts the original specification's layer names.
 
-Layer names: a timm feature module name (``"layer2"``, ``"blocks.2"``) or one of the seed's
+Layer names: a timm feature module name (``"layer2"``, ``"blocks.2"``) or one of the original specification's
 ResNet names ``"layer1".."layer4"``, which for non-ResNet backbones map to the feature stage of
 the same stride (4, 8, 16, 32).
 """

@@ -56,3 +56,51 @@ def _images_in_classes(directory: Path):
             for p in sub.iterdir():
                 if p.is_file() and is_image(p):
                     yield p
+
+
+#: auxiliary source name (``AuxStream.source``) -> resolver of its folder under the data root
+SOURCES = {"textures": resolve_texture_dir, "imagenet": resolve_imagenet_dir}
+
+
+def resolve_aux_source(source: str, data_root: str | os.PathLike) -> Path:
+    """The folder of auxiliary ``source`` under ``data_root`` (a :class:`DataError` says what to put where)."""
+    if source not in SOURCES:
+        raise DataError(f"unknown auxiliary source {source!r}; known sources: {', '.join(sorted(SOURCES))}")
+    return SOURCES[source](data_root)
+
+
+class AuxiliaryImages:
+    """The images of an auxiliary folder as a map-style data set of ``[3, S, S]`` tensors in [0, 1]."""
+
+    def __init__(self, folder: str | os.PathLike, size: int) -> None:
+        self.folder, self.size = Path(folder), int(size)
+        self.files = list_aux_images(self.folder)
+        if not self.files:
+            raise DataError(f"the auxiliary folder {self.folder} holds no images in class sub-folders "
+                            "(<folder>/<class>/<image>)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from adlib.data.images import read_image
+
+        image = read_image(str(self.files[index])).resize((self.size, self.size), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def endless_batches(images: AuxiliaryImages, batch_size: int, seed: int, num_workers: int = 0):
+    """Random batches of ``images`` for ever (drawn with replacement, seeded)."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    generator = torch.Generator().manual_seed(int(seed))
+    sampler = RandomSampler(images, replacement=True, num_samples=max(batch_size, 1) * 1024, generator=generator)
+    loader = DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    while True:
+        yield from loader

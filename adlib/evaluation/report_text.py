@@ -1,6 +1,6 @@
-"""The seed's ``results_{dataset}_{category}_{model}_thresholds.txt`` text, from ``metrics.json``.
+"""The original specification's ``results_{dataset}_{category}_{model}_thresholds.txt`` text, from ``metrics.json``.
 
-The first three sections reproduce the seed's layout exactly (image-level results, thresholds,
+The first three sections reproduce the original specification's layout exactly (image-level results, thresholds,
 confusion matrix at the F1 threshold); pixel-level results, the transferred thresholds (when a
 calibration split was used), run counts/timings and leftover notes follow. Missing values are
 printed as ``n/a (<reason>)`` with the reason taken from the ``"<key>: <reason>"`` notes.
@@ -15,7 +15,7 @@ _F1_METHODS = ("f1_percentile", "f1_uniform")
 
 
 def _num(value: float) -> str:
-    """Three decimals as in the seed; scientific-ish for very small or large scores."""
+    """Three decimals as in the original specification; scientific-ish for very small or large scores."""
     return f"{value:.3f}" if value == 0 or 0.01 <= abs(value) < 1e4 else f"{value:.4g}"
 
 
@@ -51,7 +51,8 @@ class _Writer:
         self.lines.append(f"=== {title} ===")
 
     def thresholds(self, group: str, detailed: bool = False) -> None:
-        """One line per method; the seed's wording, or F1/sensitivity/specificity for all if detailed."""
+        """One line per method: the original specification's wording, or F1, sensitivity and
+        specificity for all if detailed."""
         results = self.metrics.get(group) or {}
         for method, title in METHOD_TITLES.items():
             res = results.get(method)
@@ -87,7 +88,7 @@ class _Writer:
 
 
 def format_results_txt(metrics: Mapping[str, Any], title: str | None = None) -> str:
-    """Render ``metrics`` (the ``metrics.json`` dict) in the seed's results text layout."""
+    """Render ``metrics`` (the ``metrics.json`` dict) in the original specification's results text layout."""
     w = _Writer(metrics)
     if title:
         w.lines += [title]

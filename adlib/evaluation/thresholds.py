@@ -1,4 +1,4 @@
-"""The seed's four decision thresholds, their confusion matrices, and oracle vs transferred use.
+"""The original specification's four decision thresholds, their confusion matrices, and oracle vs transferred use.
 
 Methods (``METHODS``), each fitted on one set of (labels, scores):
 
@@ -13,8 +13,8 @@ Methods (``METHODS``), each fitted on one set of (labels, scores):
 An image is predicted anomalous when ``score >= threshold``. The F1 and Youden methods need
 both classes; without them they return no threshold and a note instead of picking the minimum.
 
-*Oracle* thresholds are fitted on the test split and applied to it (optimistic, what the seed
-reports); *transferred* thresholds are fitted on a calibration split and applied to the test
+*Oracle* thresholds are fitted on the test split and applied to it (optimistic, what the
+original specification reports); *transferred* thresholds are fitted on a calibration split and applied to the test
 split (what a deployment would see).
 """
 from __future__ import annotations

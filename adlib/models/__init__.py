@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext
-from adlib.models.registry import ModelSpec, TrainDefaults, create_model, list_models, register, resolve_config
+from adlib.models.base import (AnomalyModel, AnomalyOutput, AuxStream, DataPass, FitContext, OptimizerSpec, Step,
+                               TrainBatch)
+from adlib.models.registry import (ModelSpec, TrainDefaults, create_model, list_models, register, register_variant,
+                                   resolve_config)
 
 # One module per method; each registers its configurations when imported.
 _MODEL_MODULES = (
@@ -20,12 +22,12 @@ _MODEL_MODULES = (
 )
 
 
-
 def load_all() -> None:
     """Import every model module (each registers its configurations when imported)."""
     for module in _MODEL_MODULES:
         importlib.import_module(f"adlib.models.{module}")
 
 
-__all__ = ["AnomalyModel", "AnomalyOutput", "FitContext", "ModelSpec", "TrainDefaults",
-           "create_model", "list_models", "register", "resolve_config"]
+__all__ = ["AnomalyModel", "AnomalyOutput", "AuxStream", "DataPass", "FitContext", "ModelSpec", "OptimizerSpec",
+           "Step", "TrainBatch", "TrainDefaults", "create_model", "list_models", "register", "register_variant",
+           "resolve_config"]

@@ -12,14 +12,13 @@ Gaussian (``blur_sigma``). Image score: the map's maximum (``score="max"``) or t
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, Step, TrainBatch
 from adlib.models.components.maps import gaussian_blur2d, max_score
 from adlib.models.registry import ModelSpec, TrainDefaults, register
 
@@ -39,8 +38,7 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
 class Autoencoder(AnomalyModel):
     def __init__(self, channels: Sequence[int] = (32, 64, 128, 256), latent_channels: int = 32,
                  blur_sigma: float = 4.0, score: str = "max", topk: float = 0.01, lr: float = 1e-3,
-                 weight_decay: float = 1e-5, *, normalize: bool = False, pretrained: bool = True,
-                 backbone_dir: str | Path | None = None) -> None:
+                 weight_decay: float = 1e-5, normalize: bool = False) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {score!r}")
         if not 0.0 < topk <= 1.0:
@@ -58,17 +56,14 @@ class Autoencoder(AnomalyModel):
         self.lr, self.weight_decay = float(lr), float(weight_decay)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"the autoencoder needs image sides that are multiples of {self.size_multiple}; "
-                             f"got {h}x{w}. Choose img_size accordingly (e.g. 256).")
+        self.check_input_size(x)
         return self.decoder(self.encoder(x))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
 
-    def training_step(self, images: torch.Tensor, optimizers=None) -> torch.Tensor:
-        x = self.normalize_input(images)
+    def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> torch.Tensor:
+        x = self.normalize_input(batch.images)
         return F.mse_loss(self.reconstruct(x).float(), x.float())
 
     @torch.no_grad()
@@ -88,7 +83,5 @@ register(ModelSpec(
     name="autoencoder", cls=Autoencoder, family="reconstruction",
     paper="Convolutional autoencoder baseline (L2 reconstruction); cf. Bergmann et al., Improving Unsupervised "
           "Defect Segmentation by Applying Structural Similarity to Autoencoders, VISAPP 2019",
-    model_defaults={"channels": [32, 64, 128, 256], "latent_channels": 32, "blur_sigma": 4.0, "score": "max",
-                    "topk": 0.01, "lr": 1e-3, "weight_decay": 1e-5},
-    train_defaults=TrainDefaults(num_epochs=50, batch_size=32, img_size=256, normalize=False),
+    train=TrainDefaults(num_epochs=50, batch_size=32, img_size=256),
     description="stride-2 conv encoder/decoder; squared reconstruction error maps"))

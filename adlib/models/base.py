@@ -1,44 +1,52 @@
-"""The contract every anomaly model follows.
+"""The contract every anomaly model follows (docs/adding-a-model.md walks through it).
 
-A model is a plain ``nn.Module``. It never runs a training loop, logs or touches files: the
-one loop in :mod:`adlib.training` drives it, and :mod:`adlib.artifacts` saves it.
+A model is a plain ``nn.Module``. It never runs a training loop, logs or opens files: the one
+loop in :mod:`adlib.training` drives it, the data layer decodes every image it sees (training
+images and auxiliary streams alike), and :mod:`adlib.artifacts` saves it.
 
-Two ways of learning, declared by ``learns_by``:
+What a model declares (class attributes unless noted):
 
-* ``"one_pass"`` (memory models such as PaDiM, PatchCore, DFKDE, DFM): the loop calls
-  :meth:`collect` on every training batch once, then :meth:`finalize`.
-* ``"gradient"`` (everything else): the loop asks :meth:`configure_optimizers` once, then calls
-  :meth:`training_step` per batch and steps the optimisers with the returned loss. Models with
-  several optimisers or alternating updates (GANs, multi-stage training) set
-  ``manual_optimization = True`` and step the optimisers they were given themselves inside
-  :meth:`training_step`, returning the (detached) loss for logging. A gradient model that needs
-  statistics of the training images after training (e.g. map normalisation quantiles) sets
-  ``post_fit_pass = True``: the loop then calls :meth:`collect` once per training batch (no
-  gradients, eval mode) after the last epoch. :meth:`finalize` runs last in both modes.
+* ``learns_by``: ``"one_pass"`` (memory models: :meth:`collect` over the training images once,
+  then :meth:`finalize`) or ``"gradient"`` (:meth:`configure_optimizers`, then
+  :meth:`training_step` per batch).
+* ``phases``: named parts of a gradient schedule with their fractions, e.g. DSR's
+  ``(("decoder", 0.7), ("upsampling", 0.3))``; :attr:`Step.phase` says which is active and an
+  :class:`OptimizerSpec` with ``phase=`` steps only then.
+* ``manual_optimization``: the model steps its optimisers itself, through the
+  :class:`~adlib.training.Stepper` it is handed (many optimiser steps per batch, as CFlow's
+  fiber batches); the Stepper still owns AMP scaling, clipping, NaN checks and schedules.
+* ``data_passes``: :class:`DataPass` es over the training or the held-out validation split,
+  before or after the gradient phases (teacher statistics, memory initialisation, map
+  quantiles). The loop calls :meth:`collect` per batch (eval mode, no gradients), then
+  :meth:`end_pass`.
+* :meth:`auxiliary_streams` (a method: it may depend on the configuration): extra image sets
+  the loop streams into :attr:`TrainBatch.aux`, one batch per step.
+* ``produces_maps``: False for image-level models (``predict`` then returns ``maps=None``).
+* ``frozen_modules``: sub-modules with pretrained weights that are reloaded, not saved.
 
-Prediction: :meth:`predict` takes a batch of images in [0, 1] (``B x 3 x H x W``) and returns an
-:class:`AnomalyOutput` with one score per image and an anomaly map at input resolution (or
-``None`` for image-level-only models, which must then say so through ``produces_maps``).
+Prediction: :meth:`predict` takes images in [0, 1] (``B x 3 x H x W``) and returns one score
+per image and, unless image-level, an anomaly map at input resolution. Input normalisation is
+the model's own business (``normalize``), so a saved model works on raw images.
 
-Input normalisation is the model's own business (``normalize`` in its config): use
-:meth:`normalize_input`, so a saved model works on raw images without outside knowledge.
-
-Persistence: all learned state lives in parameters and buffers (memory banks included) so
-``state_dict`` captures it; frozen pretrained backbones are excluded from saved weights (they
-are reloaded from the backbone directory) by listing them in ``frozen_modules``.
-Buffers whose size is only known after training (memory banks) are resized on load.
+Persistence: all learned state lives in parameters and buffers (memory banks, normalisation
+statistics) so ``state_dict`` captures it. Buffers whose size is only known after training are
+resized on load.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from adlib.training import Stepper
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the phase of a model that declares none
+DEFAULT_PHASE = "train"
 
 
 @dataclasses.dataclass
@@ -50,32 +58,129 @@ class AnomalyOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class FitContext:
-    """What a model may need to know about its training run before it starts.
+class TrainBatch:
+    """One batch of training images with everything the data layer knows about them.
 
-    ``texture_dir`` / ``imagenet_dir`` are the auxiliary data sets (DTD-like textures for
-    anomaly synthesis, an ImageNet-like folder for EfficientAD); ``None`` when not configured.
+    ``labels`` are 0 for normal images (all of them, unless the configuration trains on
+    labelled anomalous images); ``masks`` are zeros where an image has no defect mask;
+    ``aux`` holds one batch of each declared auxiliary stream.
+    """
+
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    labels: torch.Tensor  # [B] int64
+    masks: torch.Tensor  # [B, 1, H, W] in {0, 1}
+    aux: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, images: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+           aux: Mapping[str, torch.Tensor] | None = None) -> "TrainBatch":
+        """A batch of normal images (zero labels and masks unless given)."""
+        b, _, h, w = images.shape
+        labels = torch.zeros(b, dtype=torch.long, device=images.device) if labels is None else labels
+        masks = torch.zeros(b, 1, h, w, dtype=images.dtype, device=images.device) if masks is None else masks
+        return cls(images, labels, masks, dict(aux or {}))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Where a training step stands in its fit."""
+
+    index: int  # global optimiser step (data batch), 0-based
+    epoch: int  # 0-based
+    total: int  # steps this fit runs
+    phase: str = DEFAULT_PHASE
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the schedule done before this step, in [0, 1)."""
+        return self.index / max(self.total, 1)
+
+
+@dataclasses.dataclass
+class OptimizerSpec:
+    """An optimiser, its optional scheduler, and what it minimises when.
+
+    ``interval``: the scheduler steps after every optimiser step (``"step"``) or every epoch.
+    ``loss``: key of :meth:`AnomalyModel.training_step`'s dict this optimiser minimises.
+    ``phase``: active only in that phase (None: always).
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # torch.optim.lr_scheduler.LRScheduler
+    interval: Literal["epoch", "step"] = "epoch"
+    loss: str = "loss"
+    phase: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval not in ("epoch", "step"):
+            raise ValueError(f"OptimizerSpec.interval must be 'epoch' or 'step'; got {self.interval!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPass:
+    """A pass over a split without gradients, before or after the gradient phases."""
+
+    name: str
+    when: Literal["before", "after"]
+    split: Literal["train", "validation"] = "train"
+
+    def __post_init__(self) -> None:
+        if self.when not in ("before", "after") or self.split not in ("train", "validation"):
+            raise ValueError(f"DataPass {self.name!r}: when must be 'before'/'after' and split 'train'/'validation'")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxStream:
+    """An auxiliary image set streamed into :attr:`TrainBatch.aux` (one batch per step).
+
+    ``source`` names the auxiliary folder (see :data:`adlib.data.auxiliary.SOURCES`:
+    ``"textures"`` = DTD-like, ``"imagenet"`` = Imagenette-like). ``batch_size`` and ``size``
+    default to the training batch size and image size. ``fallback`` names what the model does
+    without the folder (documented in its module); None means the folder is required.
+    """
+
+    name: str
+    source: str
+    batch_size: int | None = None
+    size: int | None = None
+    fallback: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitContext:
+    """What a model may know about its training run before it starts.
+
+    ``num_epochs`` and ``total_steps`` are what this fit will run (the budget after
+    ``max_steps``); ``aux_sources`` says where each declared auxiliary stream comes from
+    (``"folder:<path>"``) or which fallback replaces it (``"fallback:<name>"``).
     """
 
     device: torch.device
-    num_epochs: int
-    steps_per_epoch: int
-    num_train_images: int
     seed: int = 0
-    texture_dir: Path | None = None
-    imagenet_dir: Path | None = None
     img_size: int = 256
+    num_epochs: int = 1
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+    num_train_images: int = 0
+    aux_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class AnomalyModel(nn.Module):
-    """Base class of every registered model. Subclasses take their resolved config as kwargs."""
+    """Base class of every registered model. Subclasses take their resolved config as kwargs;
+    every argument has a default (the registry reads a configuration's defaults from there)."""
 
     learns_by: ClassVar[Literal["one_pass", "gradient"]] = "gradient"
     manual_optimization: ClassVar[bool] = False
-    post_fit_pass: ClassVar[bool] = False
+    phases: ClassVar[tuple[tuple[str, float], ...]] = ((DEFAULT_PHASE, 1.0),)
+    data_passes: ClassVar[tuple[DataPass, ...]] = ()
     produces_maps: ClassVar[bool] = True
     #: names of sub-modules holding frozen pretrained weights (not saved, reloaded instead)
     frozen_modules: ClassVar[tuple[str, ...]] = ()
+    #: input sides must be multiples of this (a class or instance attribute)
+    size_multiple: int = 1
 
     def __init__(self, normalize: bool = True, mean: Iterable[float] = IMAGENET_MEAN,
                  std: Iterable[float] = IMAGENET_STD) -> None:
@@ -84,12 +189,22 @@ class AnomalyModel(nn.Module):
         self.register_buffer("_input_mean", torch.tensor(list(mean)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_input_std", torch.tensor(list(std)).view(1, 3, 1, 1), persistent=False)
         self.fit_context: FitContext | None = None
+        #: the registry configuration this module was built from (set by the registry)
+        self.config = None
 
     # ----- input -----------------------------------------------------------------------
     def set_input_stats(self, mean: Iterable[float], std: Iterable[float]) -> None:
         """Use a backbone's own normalisation statistics (e.g. 0.5/0.5 for EfficientNet-Lite)."""
         self._input_mean.copy_(torch.tensor(list(mean)).view(1, 3, 1, 1))
         self._input_std.copy_(torch.tensor(list(std)).view(1, 3, 1, 1))
+
+    def check_input_size(self, images: torch.Tensor | tuple[int, int]) -> None:
+        """Refuse image sides that are not multiples of :attr:`size_multiple`, naming a valid size."""
+        h, w = images.shape[-2:] if isinstance(images, torch.Tensor) else images
+        m = int(self.size_multiple)
+        if h % m or w % m:
+            raise ValueError(f"{type(self).__name__} needs image sides that are multiples of {m}; got {h}x{w}. "
+                             f"Choose img_size accordingly (e.g. {max(m, round(max(h, w) / m) * m)}).")
 
     def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
         """Map [0, 1] images to the model's input space (identity when ``normalize`` is off)."""
@@ -98,37 +213,50 @@ class AnomalyModel(nn.Module):
         return (images - self._input_mean) / self._input_std
 
     # ----- training hooks ----------------------------------------------------------------
+    def auxiliary_streams(self) -> tuple[AuxStream, ...]:
+        """Auxiliary image streams this configuration trains with (default: none)."""
+        return ()
+
     def setup_fit(self, context: FitContext) -> None:
-        """Called once before training; override to prepare (e.g. load auxiliary textures)."""
+        """Called once before training (and before :meth:`configure_optimizers`)."""
         self.fit_context = context
 
-    def collect(self, images: torch.Tensor) -> None:
-        """Accumulate statistics of a batch of normal training images (one-pass models, or
-        gradient models with ``post_fit_pass``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not learn in one pass")
+    def collect(self, batch: TrainBatch, pass_name: str) -> None:
+        """One batch of a data pass (``"fit"`` for one-pass models, else a declared pass name)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no data pass {pass_name!r}")
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Gradient models: the optimisers to step (in order)."""
+    def end_pass(self, pass_name: str) -> None:
+        """Called after the last batch of a declared data pass."""
+
+    def configure_optimizers(self) -> list[OptimizerSpec | torch.optim.Optimizer]:
+        """Gradient models: the optimisers, stepped in this order (a bare optimiser is an
+        :class:`OptimizerSpec` on the ``"loss"`` key, always active, without scheduler)."""
         raise NotImplementedError(f"{type(self).__name__} does not learn by gradient steps")
 
-    def configure_schedulers(self, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
-        """Optional per-epoch learning-rate schedulers."""
-        return []
-
-    def training_step(self, images: torch.Tensor, optimizers: list[torch.optim.Optimizer] | None = None
+    def training_step(self, batch: TrainBatch, step: Step, stepper: "Stepper | None" = None
                       ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Gradient models: return the loss of a batch (or a dict with ``"loss"`` and extras).
-
-        With ``manual_optimization`` the model steps ``optimizers`` itself and returns a
-        detached loss.
-        """
+        """Gradient models: the loss of a batch, or a dict of losses (each optimiser minimises
+        its spec's key; other keys are logged). With ``manual_optimization`` the model steps
+        through ``stepper`` and returns detached values for logging."""
         raise NotImplementedError(f"{type(self).__name__} does not learn by gradient steps")
+
+    def validation_loss(self, batch: TrainBatch) -> torch.Tensor:
+        """Loss on held-out normal images for early stopping (default: the training loss,
+        computed without gradients in eval mode)."""
+        if self.manual_optimization:
+            raise NotImplementedError(f"{type(self).__name__} steps itself: it defines no validation loss")
+        out = self.training_step(batch, Step(0, 0, 1, self.phases[-1][0]))
+        return out["loss"] if isinstance(out, dict) else out
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after every training epoch."""
 
     def finalize(self) -> None:
-        """Called once after training (one-pass: build the memory; gradient: optional)."""
+        """Called once after training and the data passes (one-pass: build the memory)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Facts about how this model was trained that results must show (e.g. a fallback)."""
+        return {}
 
     # ----- prediction --------------------------------------------------------------------
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
@@ -158,3 +286,11 @@ class AnomalyModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_phases(phases: tuple[tuple[str, float], ...], where: str) -> None:
+    """Phase names are unique and their fractions positive and summing to 1."""
+    names = [name for name, _ in phases]
+    fractions = [float(f) for _, f in phases]
+    if not phases or len(set(names)) != len(names) or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"{where}: phases must be unique names with positive fractions summing to 1; got {phases}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, TrainBatch
 from adlib.models.components.kde import GaussianKDE
 from adlib.models.components.pca import PCA
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -57,8 +57,8 @@ class Dfkde(AnomalyModel):
             return coords / coords.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return coords
 
-    def collect(self, images: torch.Tensor) -> None:
-        self._collected.append(self.embed(images).cpu())
+    def collect(self, batch: TrainBatch, pass_name: str) -> None:
+        self._collected.append(self.embed(batch.images).cpu())
 
     def finalize(self) -> None:
         if not self._collected:
@@ -88,7 +88,5 @@ register(ModelSpec(
     name="dfkde", cls=Dfkde, family="memory",
     paper="DFKDE: Deep Feature Kernel Density Estimation (anomalib, 2022); "
           "Scott, Multivariate Density Estimation (1992)",
-    model_defaults={"backbone": "resnet18", "layers": ["layer4"], "n_pca_components": 16,
-                    "feature_scaling": "scale", "max_training_points": 40000},
-    train_defaults=TrainDefaults(num_epochs=1, batch_size=32, img_size=256, normalize=True),
+    train=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
     description="pooled CNN features -> PCA -> Gaussian KDE; image-level score only (no anomaly map)"))

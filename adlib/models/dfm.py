@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, TrainBatch
 from adlib.models.components.maps import upsample_map
 from adlib.models.components.pca import PCA
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -59,8 +59,8 @@ class Dfm(AnomalyModel):
             feat = F.avg_pool2d(feat, k)
         return feat
 
-    def collect(self, images: torch.Tensor) -> None:
-        self._collected.append(self.features(images).flatten(1).cpu())
+    def collect(self, batch: TrainBatch, pass_name: str) -> None:
+        self._collected.append(self.features(batch.images).flatten(1).cpu())
 
     def finalize(self) -> None:
         if not self._collected:
@@ -90,7 +90,5 @@ register(ModelSpec(
     name="dfm", cls=Dfm, family="feature_adaptation",
     paper="Ahuja et al., Probabilistic Modeling of Deep Features for Out-of-Distribution and Adversarial "
           "Detection, arXiv:1909.11786 (2019)",
-    model_defaults={"backbone": "resnet50", "layer": "layer3", "pooling_kernel_size": 4, "pca_level": 0.97,
-                    "score_type": "fre"},
-    train_defaults=TrainDefaults(num_epochs=1, batch_size=32, img_size=256, normalize=True),
+    train=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
     description="PCA of pooled CNN features; feature reconstruction error (or NLL) scores and maps"))

@@ -14,26 +14,25 @@ concatenated input and reconstruction) learns to segment the simulated anomaly. 
 Prediction: the anomaly map is the softmax probability of the anomaly channel; the image score is
 the maximum of the map smoothed by a 21x21 mean filter (paper, Sec. 3.4).
 
-Textures come from ``FitContext.texture_dir`` (DTD layout). Without one, ``texture_fallback``
-decides: ``"procedural"`` (default) uses built-in procedural textures, ``"error"`` refuses to train.
-:attr:`Draem.synthesis_source` says which was used (``"dtd:<path>"`` or ``"procedural"``) for the
-run's provenance.
+Textures come from the auxiliary stream ``"textures"`` (a DTD folder under the data root, decoded
+by the data layer, one texture per training image). Without the folder, ``texture_fallback``
+decides: ``"procedural"`` (default) uses built-in procedural textures, ``"error"`` refuses to
+train. The run's provenance and leaderboard row say which was used.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext
+from adlib.models.base import AnomalyModel, AnomalyOutput, AuxStream, FitContext, OptimizerSpec, Step, TrainBatch
 from adlib.models.components.focal_loss import focal_loss
 from adlib.models.components.maps import max_score
 from adlib.models.components.sspcab import SSPCAB, sspcab_loss
 from adlib.models.components.ssim import ssim_loss
-from adlib.models.components.synthesis import AnomalySynthesizer, TextureSource
+from adlib.models.components.synthesis import AnomalySynthesizer
 from adlib.models.registry import ModelSpec, TrainDefaults, register
 
 TEXTURE_FALLBACKS = ("procedural", "error")
@@ -121,8 +120,7 @@ class Draem(AnomalyModel):
                  sspcab_lambda: float = 0.1, anomaly_probability: float = 0.5, beta_max: float = 0.8,
                  focal_gamma: float = 2.0, score_pool_size: int = 21, lr: float = 1e-4,
                  lr_milestones: Sequence[float] = (0.8, 0.9), lr_gamma: float = 0.2,
-                 texture_fallback: str = "procedural", *, normalize: bool = True, pretrained: bool = True,
-                 backbone_dir: str | Path | None = None) -> None:
+                 texture_fallback: str = "procedural", normalize: bool = True) -> None:
         if texture_fallback not in TEXTURE_FALLBACKS:
             raise ValueError(f"texture_fallback must be one of {TEXTURE_FALLBACKS}; got {texture_fallback!r}")
         super().__init__(normalize=normalize)
@@ -135,43 +133,36 @@ class Draem(AnomalyModel):
         self.lr, self.lr_milestones, self.lr_gamma = float(lr), tuple(lr_milestones), float(lr_gamma)
         self.texture_fallback = texture_fallback
         self.synthesizer: AnomalySynthesizer | None = None
-        #: where simulated anomalies' textures came from: "dtd:<path>" or "procedural" (None before setup_fit)
-        self.synthesis_source: str | None = None
 
     # ----- training ------------------------------------------------------------------------------
+    def auxiliary_streams(self) -> tuple[AuxStream, ...]:
+        fallback = "procedural" if self.texture_fallback == "procedural" else None
+        return (AuxStream("textures", source="textures", fallback=fallback),)
+
     def setup_fit(self, context: FitContext) -> None:
         super().setup_fit(context)
-        if context.texture_dir is None and self.texture_fallback == "error":
-            raise FileNotFoundError(
-                "DRAEM needs a texture directory for anomaly synthesis (DTD layout: <dir>/images/<class>/*.jpg); "
-                "set texture_dir in the settings, or use texture_fallback='procedural' for built-in textures")
-        source = TextureSource(context.texture_dir)
-        self.synthesizer = AnomalySynthesizer(source, seed=context.seed, p_anomalous=self.anomaly_probability,
+        self.synthesizer = AnomalySynthesizer(seed=context.seed, p_anomalous=self.anomaly_probability,
                                               beta_max=self.beta_max)
-        self.synthesis_source = source.description
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> list[OptimizerSpec]:
         params = list(self.reconstructive.parameters()) + list(self.discriminative.parameters())
-        return [torch.optim.Adam(params, lr=self.lr)]
-
-    def configure_schedulers(self, optimizers: list[torch.optim.Optimizer]) -> list:
-        if self.fit_context is None:
-            return []
-        epochs = self.fit_context.num_epochs
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        epochs = self.fit_context.num_epochs if self.fit_context is not None else 1
         milestones = sorted({max(int(m * epochs), 1) for m in self.lr_milestones})
-        return [torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=self.lr_gamma)
-                for opt in optimizers]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.lr_gamma)
+        return [OptimizerSpec(optimizer, scheduler, interval="epoch")]
 
     def _data_range(self) -> float:
         """Value range of [0, 1] images in the network's input space (for SSIM's constants)."""
         return float(1.0 / self._input_std.mean()) if self.normalize else 1.0
 
-    def training_step(self, images: torch.Tensor, optimizers=None) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> dict[str, torch.Tensor]:
         if self.synthesizer is None:
             raise RuntimeError("call setup_fit(FitContext(...)) before training DRAEM: it sets up anomaly synthesis "
-                               "(texture directory and seed)")
-        self._check_size(images)
-        augmented, masks = self.synthesizer(images)
+                               "(its seed)")
+        images = batch.images
+        self.check_input_size(images)
+        augmented, masks = self.synthesizer(images, batch.aux.get("textures"))
         clean, corrupted = self.normalize_input(images), self.normalize_input(augmented)
         recon, pair = self.reconstructive(corrupted)
         logits = self.discriminative(torch.cat([recon, corrupted], dim=1))
@@ -187,15 +178,9 @@ class Draem(AnomalyModel):
         return {"loss": loss, **out}
 
     # ----- prediction ------------------------------------------------------------------------------
-    def _check_size(self, images: torch.Tensor) -> None:
-        h, w = images.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"DRAEM needs image sides that are multiples of {self.size_multiple}; got {h}x{w}. "
-                             "Choose img_size accordingly (e.g. 256).")
-
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        self._check_size(images)
+        self.check_input_size(images)
         x = self.normalize_input(images)
         recon, _ = self.reconstructive(x)
         logits = self.discriminative(torch.cat([recon, x], dim=1))
@@ -210,9 +195,6 @@ register(ModelSpec(
     paper="Zavrtanik et al., DRAEM - A Discriminatively Trained Reconstruction Embedding for Surface Anomaly "
           "Detection, ICCV 2021; Ristea et al., Self-Supervised Predictive Convolutional Attentive Block for "
           "Anomaly Detection (SSPCAB), CVPR 2022",
-    model_defaults={"base_width": 128, "disc_base_width": 64, "sspcab": True, "sspcab_lambda": 0.1,
-                    "anomaly_probability": 0.5, "beta_max": 0.8, "focal_gamma": 2.0, "score_pool_size": 21,
-                    "lr": 1e-4, "lr_milestones": [0.8, 0.9], "lr_gamma": 0.2, "texture_fallback": "procedural"},
-    train_defaults=TrainDefaults(num_epochs=700, batch_size=8, img_size=256, normalize=True),
+    train=TrainDefaults(num_epochs=700, batch_size=8, img_size=256),
     description="reconstructive + discriminative sub-networks trained on Perlin/texture simulated anomalies, "
                 "SSPCAB bottleneck"))

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, Step, TrainBatch
 from adlib.models.components.flow import coupling_flow_2d, gaussian_nll
 from adlib.models.components.maps import max_score, upsample_map
 from adlib.models.components.vit_features import VitBlockFeatures
-from adlib.models.registry import ModelSpec, TrainDefaults, register
+from adlib.models.registry import ModelSpec, TrainDefaults, register, register_variant
 
 
 class Fastflow(AnomalyModel):
@@ -73,8 +73,8 @@ class Fastflow(AnomalyModel):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(self.flows.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
 
-    def training_step(self, images: torch.Tensor, optimizers=None) -> torch.Tensor:
-        return sum(gaussian_nll(z, jac).mean() for z, jac in self.latents(images))
+    def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> torch.Tensor:
+        return sum(gaussian_nll(z, jac).mean() for z, jac in self.latents(batch.images))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
@@ -84,23 +84,22 @@ class Fastflow(AnomalyModel):
         return AnomalyOutput(scores=max_score(maps), maps=maps)
 
 
-_PAPER = ("Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, "
-          "arXiv:2111.07677 (2021)")
-_COMMON = {"backbone_kwargs": {}, "clamp": 2.0, "lr": 1e-3, "weight_decay": 1e-5}
-_CNN = {"layers": ["layer1", "layer2", "layer3"], "vit_block": None, "flow_steps": 8, "hidden_ratio": 1.0}
-_VIT = {"layers": [], "flow_steps": 20, "conv3x3_only": False, "hidden_ratio": 0.16}
-
-for _name, _defaults, _size, _desc in (
-        ("fastflow", {**_CNN, "backbone": "wide_resnet50_2", "conv3x3_only": False}, 256,
-         "Wide-ResNet-50-2 stages 1-3, 8 flow steps alternating 3x3/1x1 subnets"),
-        ("fastflow-resnet18", {**_CNN, "backbone": "resnet18", "conv3x3_only": True}, 256,
-         "ResNet-18 stages 1-3, 8 flow steps with 3x3 subnets"),
-        ("fastflow-cait", {**_VIT, "backbone": "cait_m48_448", "vit_block": 40}, 448,
-         "CaiT-M48 patch tokens after block 40 (0-based), 20 flow steps"),
-        ("fastflow-deit", {**_VIT, "backbone": "deit_base_distilled_patch16_384", "vit_block": 7}, 384,
-         "DeiT-base-distilled patch tokens after block 7 (0-based), 20 flow steps")):
-    register(ModelSpec(
-        name=_name, cls=Fastflow, family="flow", paper=_PAPER,
-        model_defaults={"backbone": _defaults.pop("backbone"), **_defaults, **_COMMON},
-        train_defaults=TrainDefaults(num_epochs=500, batch_size=32, img_size=_size, normalize=True),
-        description=_desc))
+register(ModelSpec(
+    name="fastflow", cls=Fastflow, family="flow",
+    paper="Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, "
+          "arXiv:2111.07677 (2021)",
+    train=TrainDefaults(num_epochs=500, batch_size=32, img_size=256),
+    description="Wide-ResNet-50-2 stages 1-3, 8 flow steps alternating 3x3/1x1 subnets",
+    aliases=("fastflow-wrn50",)))
+register_variant("fastflow-resnet50", base="fastflow", model={"backbone": "resnet50"},
+                 description="ResNet-50 stages 1-3, 8 flow steps alternating 3x3/1x1 subnets (the original "
+                             "specification's name)")
+register_variant("fastflow-resnet18", base="fastflow", model={"backbone": "resnet18", "conv3x3_only": True},
+                 description="ResNet-18 stages 1-3, 8 flow steps with 3x3 subnets")
+_VIT = {"layers": [], "flow_steps": 20, "hidden_ratio": 0.16}
+register_variant("fastflow-cait", base="fastflow", model={**_VIT, "backbone": "cait_m48_448", "vit_block": 40},
+                 train={"img_size": 448}, description="CaiT-M48 patch tokens after block 40 (0-based), 20 flow steps")
+register_variant("fastflow-deit", base="fastflow",
+                 model={**_VIT, "backbone": "deit_base_distilled_patch16_384", "vit_block": 7},
+                 train={"img_size": 384}, description="DeiT-base-distilled patch tokens after block 7 (0-based), "
+                                                      "20 flow steps")

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext
+from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext, TrainBatch
 from adlib.models.components.features import finest_grid, position_major_embedding
 from adlib.models.components.gaussian import PositionGaussianAccumulator, mahalanobis
 from adlib.models.components.maps import gaussian_blur2d, max_score, upsample_map
@@ -67,10 +67,10 @@ class Padim(AnomalyModel):
         maps = [m.float() for m in self.feature_extractor(self.normalize_input(images))]
         return position_major_embedding(maps, channels=self.feature_index), finest_grid(maps)
 
-    def collect(self, images: torch.Tensor) -> None:
+    def collect(self, batch: TrainBatch, pass_name: str) -> None:
         if self._stats is None:
             self._stats = PositionGaussianAccumulator()
-        self._stats.add(self.embed(images)[0])
+        self._stats.add(self.embed(batch.images)[0])
 
     def finalize(self) -> None:
         if self._stats is None or self._stats.count == 0:
@@ -100,8 +100,6 @@ register(ModelSpec(
     name="padim", cls=Padim, family="memory",
     paper="Defard et al., PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and "
           "Localization, ICPR 2020 Workshops, arXiv:2011.08785",
-    model_defaults={"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "n_features": 100,
-                    "covariance_eps": 0.01, "blur_sigma": 4.0},
-    train_defaults=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
+    train=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
     description="Per-position Gaussian of random-subset multi-layer features; Mahalanobis map.",
 ))

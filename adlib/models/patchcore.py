@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, TrainBatch
 from adlib.models.components.bank_search import BankSearch
 from adlib.models.components.coreset import gaussian_projection, greedy_coreset
 from adlib.models.components.features import (concat_feature_maps, local_patch_average, reduce_channels,
@@ -108,8 +108,8 @@ class PatchCore(AnomalyModel):
         return reduce_channels(emb, self.embedding_dim) if self.embedding_dim else emb
 
     # ----- fitting -------------------------------------------------------------------------
-    def collect(self, images: torch.Tensor) -> None:
-        rows = to_patch_rows(self.embed(images))
+    def collect(self, batch: TrainBatch, pass_name: str) -> None:
+        rows = to_patch_rows(self.embed(batch.images))
         if self._store is None:
             self._store = PatchStore(self.feature_dtype, capacity=self.max_train_patches, seed=self._seed)
             if self.projection_dim and self.projection_dim < self.dim:
@@ -157,9 +157,6 @@ class PatchCore(AnomalyModel):
 register(ModelSpec(
     name="patchcore", cls=PatchCore, family="memory",
     paper="Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022, arXiv:2106.08265",
-    model_defaults={"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"], "coreset_sampling_ratio": 0.1,
-                    "num_neighbors": 9, "patch_size": 3, "embedding_dim": None, "projection_dim": 128,
-                    "feature_dtype": "float16", "max_train_patches": None, "blur_sigma": 4.0},
-    train_defaults=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
+    train=TrainDefaults(num_epochs=1, batch_size=32, img_size=256),
     description="Coreset memory bank of locally aware patch features; nearest-neighbour distance map.",
 ))

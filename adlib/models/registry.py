@@ -1,10 +1,13 @@
 """A timm-style registry of named model configurations.
 
-Each model file registers its configurations at import time::
+A configuration's model defaults are written once, in its class's ``__init__`` signature; a
+:class:`ModelSpec` holds only what differs from them, and a variant only what differs from its
+base configuration::
 
-    register(ModelSpec(name="padim", cls=Padim, family="memory", paper="...",
-                       model_defaults={"backbone": "resnet18", ...},
-                       train_defaults=TrainDefaults(num_epochs=1, batch_size=32)))
+    register(ModelSpec(name="fastflow", cls=Fastflow, family="flow", paper="...",
+                       train=TrainDefaults(num_epochs=500)))
+    register_variant("fastflow-resnet18", base="fastflow", model={"backbone": "resnet18"},
+                     description="...")
 
 ``create_model(name, **overrides)`` splits overrides into model and training keys, rejects
 unknown keys with the list of valid ones, and builds the module.
@@ -13,47 +16,98 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
 FAMILIES = ("memory", "flow", "distillation", "reconstruction", "feature_adaptation", "foundation")
+SCOPES = ("category", "dataset")
+TRAIN_LABELS = ("normal", "labelled")
+#: constructor arguments that are run-time facts, not part of a configuration
+RUNTIME_ARGS = ("pretrained", "backbone_dir")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainDefaults:
-    """The seed's per-model training defaults, plus the loop's extras."""
+    """A configuration's training defaults (the keys the loop and the data layer read)."""
 
-    num_epochs: int = 1
+    num_epochs: int | None = 1  # None: the budget is max_steps alone
     batch_size: int = 32
     img_size: int = 256
-    normalize: bool = True
-    center_crop: int | None = None
-    early_stopping_patience: int | None = None  # epochs without improvement before stopping
-    early_stopping_target: float | None = None  # stop once validation AUROC reaches this
-    validate_every: int | None = None  # epochs between validation AUROC checks (None: never)
-    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    center_crop: int | None = None  # resize to img_size, then cut the central square
+    max_steps: int | None = None  # stop after this many optimiser steps (whichever budget ends first)
+    grad_clip_norm: float | None = None  # clip each optimiser's gradient norm to this
+    validation_fraction: float = 0.0  # normal training images held out as the validation split
+    labelled_fraction: float = 0.0  # labelled configurations: share of anomalous test images moved to train
+    early_stopping_patience: int | None = None  # validation checks without improvement before stopping
+    early_stopping_target: float | None = None  # stop once the validation metric reaches this
+    validate_every: int | None = None  # epochs between validation checks (None: never)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainDefaults))
 
 
+def _plain(value: Any) -> Any:
+    """Defaults as JSON would store them (tuples become lists), so saved configs compare equal."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """The model keys of ``cls`` and their defaults, read from its ``__init__`` signature."""
+    out = {}
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name == "self" or param.name in RUNTIME_ARGS or param.kind in (param.VAR_POSITIONAL,
+                                                                                param.VAR_KEYWORD):
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(f"{cls.__name__}.__init__ argument {param.name!r} has no default: every model "
+                            "argument needs one (it is the configuration's default)")
+        out[param.name] = _plain(param.default)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """One named configuration: a class, what differs from its defaults, and registry facts.
+
+    ``scope="dataset"``: one model trains on every category of a data set (the multi-class
+    setting) and is evaluated per category. ``train_labels="labelled"``: the configuration also
+    trains on labelled anomalous images (moved out of the test split, see docs/datasets.md).
+    """
+
     name: str
     cls: type
     family: str
     paper: str
-    model_defaults: dict[str, Any]
-    train_defaults: TrainDefaults = TrainDefaults()
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # differences from the signature
+    train: TrainDefaults = TrainDefaults()
     description: str = ""
+    scope: Literal["category", "dataset"] = "category"
+    train_labels: Literal["normal", "labelled"] = "normal"
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"{self.name}: family {self.family!r} is not one of {FAMILIES}")
-        clash = set(self.model_defaults) & set(TRAIN_KEYS)
-        if clash - {"normalize"}:
+        if self.scope not in SCOPES or self.train_labels not in TRAIN_LABELS:
+            raise ValueError(f"{self.name}: scope must be one of {SCOPES}, train_labels one of {TRAIN_LABELS}")
+        defaults = signature_defaults(self.cls)
+        clash = set(defaults) & set(TRAIN_KEYS)
+        if clash:
             raise ValueError(f"{self.name}: model keys {sorted(clash)} clash with training keys")
+        unknown = set(self.model) - set(defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: {sorted(unknown)} are not arguments of {self.cls.__name__}")
+
+    @property
+    def model_defaults(self) -> dict[str, Any]:
+        """Every model key with this configuration's value."""
+        return {**signature_defaults(self.cls), **_plain(dict(self.model))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +128,7 @@ class ResolvedConfig:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
 
 
 class UnknownModelError(KeyError):
@@ -82,10 +137,23 @@ class UnknownModelError(KeyError):
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"model {spec.name!r} is registered twice")
+    for name in (spec.name, *spec.aliases):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"model name {name!r} is registered twice")
     _REGISTRY[spec.name] = spec
+    _ALIASES.update({alias: spec.name for alias in spec.aliases})
     return spec
+
+
+def register_variant(name: str, base: str, *, model: Mapping[str, Any] | None = None,
+                     train: Mapping[str, Any] | None = None, description: str = "", **facts: Any) -> ModelSpec:
+    """Register ``name`` as ``base`` with some model and training values changed (and optionally
+    other facts: ``scope``, ``train_labels``, ``aliases``, ``paper``)."""
+    parent = _REGISTRY[base]
+    return register(dataclasses.replace(
+        parent, name=name, model={**parent.model, **(model or {})},
+        train=dataclasses.replace(parent.train, **(train or {})), description=description or parent.description,
+        aliases=(), **facts))
 
 
 def _ensure_loaded() -> None:
@@ -94,15 +162,26 @@ def _ensure_loaded() -> None:
     load_all()
 
 
-def get_spec(name: str) -> ModelSpec:
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` (an alias resolves to its configuration)."""
     _ensure_loaded()
+    return _ALIASES.get(name, name)
+
+
+def get_spec(name: str) -> ModelSpec:
+    name = canonical_name(name)
     if name not in _REGISTRY:
         import difflib
 
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        close = difflib.get_close_matches(name, [*_REGISTRY, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(f"unknown model {name!r}.{hint} Registered models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def aliases_of(name: str) -> list[str]:
+    _ensure_loaded()
+    return sorted(alias for alias, target in _ALIASES.items() if target == name)
 
 
 def list_models(family: str | None = None, pattern: str | None = None) -> list[str]:
@@ -121,38 +200,33 @@ def list_models(family: str | None = None, pattern: str | None = None) -> list[s
 def resolve_config(name: str, **overrides: Any) -> ResolvedConfig:
     """Fill defaults for ``name`` and apply overrides (model keys and training keys)."""
     spec = get_spec(name)
-    model_cfg = dict(spec.model_defaults)
-    train_cfg = dataclasses.asdict(spec.train_defaults)
+    model_cfg = spec.model_defaults
+    train_cfg = dataclasses.asdict(spec.train)
     unknown = [k for k in overrides if k not in model_cfg and k not in train_cfg]
     if unknown:
         raise ValueError(
-            f"unknown option(s) {unknown} for model {name!r}. Model options: {sorted(model_cfg)}; "
+            f"unknown option(s) {unknown} for model {spec.name!r}. Model options: {sorted(model_cfg)}; "
             f"training options: {sorted(train_cfg)}")
     for key, value in overrides.items():
-        if key in train_cfg:
-            train_cfg[key] = value
-        if key in model_cfg:
-            model_cfg[key] = value
-    model_cfg["normalize"] = train_cfg["normalize"]
-    return ResolvedConfig(name=name, family=spec.family, model=model_cfg, train=train_cfg)
+        (train_cfg if key in train_cfg else model_cfg)[key] = _plain(value)
+    return ResolvedConfig(name=spec.name, family=spec.family, model=model_cfg, train=train_cfg)
 
 
 def build_model(config: ResolvedConfig, *, pretrained: bool = True, backbone_dir: str | Path | None = None):
     """Instantiate the module of a resolved configuration.
 
-    ``pretrained`` and ``backbone_dir`` say where frozen backbone weights come from; they are
-    run-time facts, not part of the saved configuration.
+    ``pretrained`` and ``backbone_dir`` say where frozen weights come from; they are run-time
+    facts, not part of the saved configuration (passed only to classes that take them).
     """
     spec = get_spec(config.name)
-    return spec.cls(**config.model, pretrained=pretrained, backbone_dir=backbone_dir)
+    accepted = inspect.signature(spec.cls.__init__).parameters
+    runtime = {k: v for k, v in (("pretrained", pretrained), ("backbone_dir", backbone_dir)) if k in accepted}
+    model = spec.cls(**config.model, **runtime)
+    model.config = config
+    return model
 
 
 def create_model(name: str, *, pretrained: bool = True, backbone_dir: str | Path | None = None, **overrides: Any):
-    """Build registered model ``name`` with ``overrides`` applied; returns the module.
-
-    The resolved configuration is attached as ``model.resolved_config``.
-    """
-    config = resolve_config(name, **overrides)
-    model = build_model(config, pretrained=pretrained, backbone_dir=backbone_dir)
-    model.resolved_config = config
-    return model
+    """Build registered model ``name`` with ``overrides`` applied; ``model.config`` holds the
+    resolved configuration."""
+    return build_model(resolve_config(name, **overrides), pretrained=pretrained, backbone_dir=backbone_dir)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adlib.backbones import FeatureExtractor
-from adlib.models.base import AnomalyModel, AnomalyOutput
+from adlib.models.base import AnomalyModel, AnomalyOutput, Step, TrainBatch
 from adlib.models.components.init import reinitialize_
 from adlib.models.components.maps import max_score, upsample_map
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -56,8 +56,8 @@ class Stfpm(AnomalyModel):
         return [torch.optim.SGD(self.student.parameters(), lr=self.lr, momentum=self.momentum,
                                 weight_decay=self.weight_decay)]
 
-    def training_step(self, images: torch.Tensor, optimizers=None) -> torch.Tensor:
-        teacher, student = self._features(images)
+    def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> torch.Tensor:
+        teacher, student = self._features(batch.images)
         return sum(feature_discrepancy(t, s).mean() for t, s in zip(teacher, student))
 
     @torch.no_grad()
@@ -75,8 +75,6 @@ register(ModelSpec(
     name="stfpm", cls=Stfpm, family="distillation",
     paper="Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021, "
           "arXiv:2103.04257",
-    model_defaults={"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "lr": 0.4,
-                    "momentum": 0.9, "weight_decay": 1e-4},
-    train_defaults=TrainDefaults(num_epochs=100, batch_size=32, img_size=256),
+    train=TrainDefaults(num_epochs=100, batch_size=32, img_size=256),
     description="Student regresses a frozen teacher's normalised multi-scale features; product of discrepancy maps.",
 ))

@@ -22,10 +22,11 @@ _PROVENANCE = ("device", "gpu", "cpu", "hostname", "adlib_version", "torch_versi
 
 def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Everything the leaderboard knows about one finished run (config, fit, metrics, provenance)."""
-    config = read_run_json(run_dir, "config.json")
-    fit = read_run_json(run_dir, "fit.json")
     metrics = read_run_json(run_dir, "metrics.json")
-    prov = read_run_json(run_dir, "provenance.json")
+    model_dir = Path(run_dir) / metrics.get("model_dir", ".")  # dataset-scope runs train elsewhere
+    config = read_run_json(model_dir, "config.json")
+    fit = read_run_json(model_dir, "fit.json")
+    prov = read_run_json(model_dir, "provenance.json")
     model, train = config.get("model", {}), config.get("train", {})
     row: dict[str, Any] = {
         **run_identity(run_dir),
@@ -59,6 +60,10 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "final_loss": fit.get("final_loss"),
         "stopped_early": fit.get("stopped_early"),
         "pretrained": config.get("pretrained"),
+        "scope": prov.get("scope", "category"),
+        "supervision": "supervised" if prov.get("train_labels") == "labelled" else "unsupervised",
+        "auxiliary_data": "; ".join(f"{k}={v}" for k, v in sorted((prov.get("auxiliary") or {}).items())),
+        "validation": prov.get("validation"),
     })
     row.update({key: prov.get(key) for key in _PROVENANCE})
     row["notes"] = "; ".join(str(n) for n in metrics.get("notes") or [])

@@ -88,7 +88,7 @@ def threshold_markdown(table: pd.DataFrame) -> str:
     has_transfer = (table["kind"] == "transferred").any()
     parts = ["# Threshold analysis", "",
              f"{n_runs} runs, four threshold methods. **Oracle** thresholds are fitted on the test split "
-             "and applied to it (optimistic: what the seed reports). "
+             "and applied to it (optimistic: what the original specification reports). "
              + ("**Transferred** thresholds are fitted on the calibration split and applied to the test split "
                 "(what a deployment sees)." if has_transfer else
                 "No run has a calibration split, so there are no transferred thresholds "

@@ -6,13 +6,11 @@ texture image ``A`` (from DTD, augmented by 3 random colour/geometry operations)
 a normal image ``I``: ``I_a = (1 - M) * I + (1 - beta) * M * I + beta * M * A``, ``beta ~ U[0, 0.8]``.
 Half of the images (``p_anomalous``) stay normal with an empty mask.
 
-Texture sources:
-
-* a directory (DTD layout ``<dir>/images/<class>/*.jpg``, or any image files below it), described
-  as ``"dtd:<path>"``;
-* without one, a built-in procedural generator (coloured multi-octave Perlin noise, stripes,
-  checkerboards and cells), described as ``"procedural"``. It stands in for DTD when the
-  auxiliary data set is unavailable offline; results differ from the paper's setting.
+Textures: a batch of decoded texture images (DTD) that the training loop streams to the model
+(:class:`adlib.models.base.AuxStream`), or, without one, a built-in procedural generator
+(coloured multi-octave Perlin noise, stripes, checkerboards and cells). The procedural fallback
+stands in for DTD when the auxiliary data set is unavailable offline; results differ from the
+paper's setting, and runs that used it say so in their provenance and leaderboard row.
 
 Every random choice is drawn from an explicit CPU ``torch.Generator`` (so a seed gives the same
 anomalies on any machine); the per-pixel work runs on the images' device.
@@ -20,8 +18,6 @@ anomalies on any machine); the per-pixel work runs on the images' device.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -41,34 +37,7 @@ def _randint(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high, (1,), generator=gen))
 
 
-# ----- texture sources ---------------------------------------------------------------------
-def find_texture_files(texture_dir: str | Path) -> list[Path]:
-    """Image files below ``texture_dir`` (sorted; DTD's ``images/`` sub-folder when present)."""
-    root = Path(texture_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"texture directory {root} does not exist or is not a directory: point "
-                                "texture_dir at a DTD-like folder (<dir>/images/<class>/*.jpg) or leave it unset")
-    base = root / "images" if (root / "images").is_dir() else root
-    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found below {base}: the texture "
-                                "directory must hold DTD-like images, e.g. <dir>/images/<class>/*.jpg")
-    return files
-
-
-def load_texture(path: Path, size: Sequence[int]) -> torch.Tensor:
-    """Read an image file as ``[3, H, W]`` float in [0, 1], resized to ``size``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((int(size[1]), int(size[0])), Image.BILINEAR)
-            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    except OSError as err:
-        raise OSError(f"cannot read texture image {path}: {err}. Remove or replace the file.") from err
-    return data.view(int(size[0]), int(size[1]), 3).permute(2, 0, 1).float() / 255.0
-
-
+# ----- procedural textures (the documented fallback for a missing DTD folder) -----------------
 def procedural_texture(size: Sequence[int], gen: torch.Generator,
                        device: torch.device | str | None = None) -> torch.Tensor:
     """A random synthetic texture ``[3, H, W]`` in [0, 1] (the fallback for a missing DTD).
@@ -108,32 +77,6 @@ def procedural_texture(size: Sequence[int], gen: torch.Generator,
         d = torch.cdist(torch.stack([yy.flatten(), xx.flatten()], 1), pts).min(dim=1).values.view(h, w)
         t = (d / d.max().clamp_min(1e-6))[None]
     return ((1 - t) * colour() + t * colour()).clamp(0, 1)
-
-
-class TextureSource:
-    """Random anomaly-source textures from a directory, or procedural ones when ``texture_dir`` is None."""
-
-    def __init__(self, texture_dir: str | Path | None = None, max_cached: int = 1024) -> None:
-        self.files = find_texture_files(texture_dir) if texture_dir is not None else []
-        self.description = f"dtd:{Path(texture_dir).resolve()}" if texture_dir is not None else "procedural"
-        self.max_cached = max_cached
-        self._cache: OrderedDict[tuple[int, tuple[int, int]], torch.Tensor] = OrderedDict()
-
-    def sample(self, size: Sequence[int], gen: torch.Generator,
-               device: torch.device | str | None = None) -> torch.Tensor:
-        """One texture ``[3, H, W]`` in [0, 1] on ``device``."""
-        size = (int(size[0]), int(size[1]))
-        if not self.files:
-            return procedural_texture(size, gen, device=device)
-        index = _randint(gen, 0, len(self.files))
-        key = (index, size)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-        else:  # least-recently-used cache of decoded, resized textures (uint8)
-            self._cache[key] = (load_texture(self.files[index], size) * 255).round().to(torch.uint8)
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        return self._cache[key].to(device).float() / 255.0
 
 
 # ----- texture augmentations (DRAEM's list, re-implemented on tensors) ---------------------
@@ -217,21 +160,21 @@ def augment_texture(texture: torch.Tensor, gen: torch.Generator, count: int = 3)
 class AnomalySynthesizer:
     """Turns a batch of normal images into (augmented images, masks) following DRAEM."""
 
-    def __init__(self, source: TextureSource, seed: int = 0, p_anomalous: float = 0.5, beta_max: float = 0.8) -> None:
-        self.source = source
+    def __init__(self, seed: int = 0, p_anomalous: float = 0.5, beta_max: float = 0.8) -> None:
         self.p_anomalous = float(p_anomalous)
         self.beta_max = float(beta_max)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    @property
-    def description(self) -> str:
-        return self.source.description
+    def __call__(self, images: torch.Tensor, textures: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` ``[B, 3, H, W]`` in [0, 1] -> (augmented images in [0, 1], masks ``[B, 1, H, W]``).
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images`` ``[B, 3, H, W]`` in [0, 1] -> (augmented images in [0, 1], masks ``[B, 1, H, W]``)."""
+        ``textures`` (``[B, 3, H, W]`` in [0, 1], one per image) are the anomaly sources; without
+        them procedural textures are drawn.
+        """
         g, device = self.generator, images.device
         b, _, h, w = images.shape
-        textures = torch.zeros(b, 3, h, w, device=device)
+        sources = torch.zeros(b, 3, h, w, device=device)
         masks = torch.zeros(b, 1, h, w, device=device)
         betas = torch.zeros(b, 1, 1, 1)
         with torch.no_grad():
@@ -239,9 +182,10 @@ class AnomalySynthesizer:
                 if _uniform(g, 0.0, 1.0) >= self.p_anomalous:
                     continue  # this image stays normal
                 masks[i, 0] = random_perlin_mask((h, w), g, device=device)
-                textures[i] = augment_texture(self.source.sample((h, w), g, device=device), g)
+                source = textures[i] if textures is not None else procedural_texture((h, w), g, device=device)
+                sources[i] = augment_texture(source.to(device, torch.float32), g)
                 betas[i] = _uniform(g, 0.0, self.beta_max)
-            masks, textures = masks.to(images.dtype), textures.to(images.dtype)
+            masks, sources = masks.to(images.dtype), sources.to(images.dtype)
             betas = betas.to(device, images.dtype)
-            augmented = (1 - masks) * images + (1 - betas) * masks * images + betas * masks * textures
+            augmented = (1 - masks) * images + (1 - betas) * masks * images + betas * masks * sources
         return augmented, masks

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import write_images
 
 from adlib.models.components.flow import coupling_flow_2d, gaussian_nll
 from adlib.models.components.focal_loss import focal_loss
@@ -12,8 +13,7 @@ from adlib.models.components.pca import PCA
 from adlib.models.components.perlin import DRAEM_THRESHOLD, perlin_noise, random_perlin_mask, rotate_map
 from adlib.models.components.ssim import ssim_loss, ssim_map
 from adlib.models.components.sspcab import SSPCAB, sspcab_loss
-from adlib.models.components.synthesis import (AnomalySynthesizer, TextureSource, augment_texture,
-                                               find_texture_files, procedural_texture)
+from adlib.models.components.synthesis import AnomalySynthesizer, augment_texture, procedural_texture
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -108,39 +108,23 @@ def test_rotate_map_quarter_turn_of_a_square():
 
 
 # ----- synthesis ----------------------------------------------------------------------------------
-def _write_textures(root, n=3):
-    from PIL import Image
+def test_auxiliary_images_decode_class_folders_and_stream_seeded_batches(tmp_path):
+    from adlib.data import DataError
+    from adlib.data.auxiliary import AuxiliaryImages, endless_batches
 
-    folder = root / "images" / "banded"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, size=(20, 30, 3), dtype=np.uint8)).save(folder / f"banded_{i}.png")
-    (folder / "notes.txt").write_text("not an image")
-    return root
-
-
-def test_texture_source_reads_dtd_layout_and_reports_it(tmp_path):
-    root = _write_textures(tmp_path / "dtd")
-    files = find_texture_files(root)
-    assert [p.name for p in files] == ["banded_0.png", "banded_1.png", "banded_2.png"]
-    source = TextureSource(root)
-    assert source.description == f"dtd:{root.resolve()}"
-    tex = source.sample((16, 24), _gen(0))
-    assert tex.shape == (3, 16, 24) and 0.0 <= float(tex.min()) and float(tex.max()) <= 1.0
-
-
-def test_texture_source_errors_are_specific(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        TextureSource(tmp_path / "missing")
+    written = write_images(tmp_path / "images" / "banded")
+    (tmp_path / "images" / "banded" / "notes.txt").write_text("not an image")
+    images = AuxiliaryImages(tmp_path / "images", 16)
+    assert images.files == written
+    first = next(endless_batches(images, 5, seed=1))
+    assert first.shape == (5, 3, 16, 16) and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, next(endless_batches(images, 5, seed=1)))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no image files"):
-        TextureSource(tmp_path / "empty")
+    with pytest.raises(DataError, match="holds no images"):
+        AuxiliaryImages(tmp_path / "empty", 16)
 
 
 def test_procedural_textures_and_augmentations_stay_in_range():
-    source = TextureSource(None)
-    assert source.description == "procedural"
     g = _gen(3)
     textures = [procedural_texture((24, 24), g) for _ in range(12)]
     for tex in textures:
@@ -153,16 +137,21 @@ def test_procedural_textures_and_augmentations_stay_in_range():
 
 def test_synthesizer_blends_only_inside_mask_and_is_seeded():
     images = torch.rand(8, 3, 32, 32)
-    out1, m1 = AnomalySynthesizer(TextureSource(None), seed=5)(images)
-    out2, m2 = AnomalySynthesizer(TextureSource(None), seed=5)(images)
+    out1, m1 = AnomalySynthesizer(seed=5)(images)
+    out2, m2 = AnomalySynthesizer(seed=5)(images)
     assert torch.equal(out1, out2) and torch.equal(m1, m2)
     assert m1.shape == (8, 1, 32, 32)
     outside = (m1 == 0).expand_as(images)
     assert torch.equal(out1[outside], images[outside])
     assert float(m1.sum()) > 0  # some images got an anomaly
     assert 0.0 <= float(out1.min()) and float(out1.max()) <= 1.0
-    never, masks = AnomalySynthesizer(TextureSource(None), seed=5, p_anomalous=0.0)(images)
+    never, masks = AnomalySynthesizer(seed=5, p_anomalous=0.0)(images)
     assert torch.equal(never, images) and float(masks.sum()) == 0.0
+    flat = torch.full((8, 3, 32, 32), 0.25)  # given textures are blended where the mask is
+    given, m3 = AnomalySynthesizer(seed=5)(images, flat)
+    inside = (m3 > 0).expand_as(images)
+    assert float(m3.sum()) > 0 and torch.equal(given[~inside], images[~inside])
+    assert not torch.equal(given[inside], images[inside])
 
 
 # ----- losses / SSPCAB ------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""Data loaders of a run: manifest images (through the decode cache) and auxiliary streams."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from adlib.models.base import AnomalyModel
+from adlib.settings import Settings
+
+
+def split_of(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    return manifest[manifest["split"] == split].reset_index(drop=True)
+
+
+def image_loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: str | Path | None, settings: Settings, *,
+                 shuffle: bool, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
+    """The images of ``manifest`` at the configuration's size (and crop), seeded shuffling."""
+    from adlib.data import ImageCache, ImageDataset
+
+    size, crop = int(train_cfg["img_size"]), train_cfg.get("center_crop")
+    cache = ImageCache.build(manifest, Path(cache_root), size, center_crop=crop) if cache_root is not None else None
+    dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False, cache=cache)
+    generator = torch.Generator().manual_seed(settings.seed)
+    return DataLoader(dataset, batch_size=batch_size or int(train_cfg["batch_size"]), shuffle=shuffle,
+                      drop_last=drop_last, num_workers=settings.num_workers, generator=generator,
+                      pin_memory=False, persistent_workers=False)
+
+
+def auxiliary_streams(model: AnomalyModel, train_cfg: dict, settings: Settings
+                      ) -> tuple[dict[str, Iterator[torch.Tensor]], dict[str, str]]:
+    """Endless batch iterators of the model's declared auxiliary streams, and where each came
+    from (``"folder:<path>"``) or which documented fallback replaces it (``"fallback:<name>"``).
+
+    A missing folder without a fallback is a :class:`~adlib.data.DataError` that names the
+    folders looked in and what to put there; it is raised before any training.
+    """
+    from adlib.data import DataError
+    from adlib.data.auxiliary import AuxiliaryImages, endless_batches, resolve_aux_source
+
+    streams, sources = {}, {}
+    for stream in model.auxiliary_streams():
+        try:
+            folder = resolve_aux_source(stream.source, settings.data_root)
+        except DataError as err:
+            if stream.fallback is None:
+                raise DataError(f"{type(model).__name__} trains with auxiliary {stream.source!r} images (stream "
+                                f"{stream.name!r}), looked for under the data root {settings.data_root}: {err}"
+                                ) from None
+            sources[stream.name] = f"fallback:{stream.fallback}"
+            continue
+        images = AuxiliaryImages(folder, stream.size or int(train_cfg["img_size"]))
+        batch = stream.batch_size or int(train_cfg["batch_size"])
+        streams[stream.name] = endless_batches(images, batch, seed=settings.seed, num_workers=settings.num_workers)
+        sources[stream.name] = f"folder:{folder}"
+    return streams, sources

@@ -1,0 +1,77 @@
+"""Predict: score new images with a finished run; write scores, decisions and overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from adlib import artifacts
+from adlib.io import atomic_path, read_json
+from adlib.run.device import job_device
+from adlib.run.evaluate import model_dir_of
+from adlib.run.pictures import overlay_inputs, picture_name
+from adlib.run.scoring import score_images
+from adlib.settings import Settings
+
+
+def collect_images(paths: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively) in the given folders."""
+    from adlib.data.files import IMAGE_EXTENSIONS, is_image
+
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if is_image(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist (give image files or folders of images)")
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in "
+                                f"{', '.join(map(str, paths))}")
+    return found
+
+
+def decision_threshold(metrics: dict, method: str) -> float:
+    """A run's threshold for ``method``: transferred (calibration) when available, else oracle."""
+    for key in ("transferred_thresholds", "thresholds"):
+        result = (metrics.get(key) or {}).get(method)
+        if result:
+            return float(result["threshold"])
+    raise ValueError(f"the run has no usable {method!r} threshold (see its metrics.json notes); "
+                     "choose another --threshold-method, e.g. percentile_95")
+
+
+def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
+                   threshold_method: str = "f1_percentile", overlay_dir: str | Path | None = None) -> pd.DataFrame:
+    """Score new images with a saved run; write a CSV of scores and decisions (and overlays)."""
+    from adlib.data import ImageDataset
+    from adlib.data.manifest import make_manifest, manifest_row
+    from adlib.evaluation.plots import plot_overlay
+
+    run_dir = Path(run_dir)
+    metrics = read_json(run_dir / artifacts.METRICS)
+    model_dir = model_dir_of(run_dir)
+    device = job_device(settings)
+    model, config = artifacts.load_model(model_dir, backbone_dir=settings.backbone_dir, device=device)
+    threshold = decision_threshold(metrics, threshold_method)
+    paths = collect_images(images)
+    # labels are unknown for new images; 0 is a placeholder the scoring never reads
+    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
+    size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
+    dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
+    loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
+    scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
+                          progress=False)
+    table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
+                          "threshold": threshold, "threshold_method": threshold_method,
+                          "anomalous": scored.scores >= threshold})
+    with atomic_path(Path(out_csv)) as tmp:
+        table.to_csv(tmp, index=False)
+    if overlay_dir is not None and scored.maps is not None:
+        for index in range(len(dataset)):
+            image, amap, _ = overlay_inputs(dataset, index, scored.maps[index])
+            plot_overlay(image, None, amap, None, Path(overlay_dir) / picture_name(dataset, index),
+                         f"score={scored.scores[index]:.3g} threshold={threshold:.3g}")
+    return table

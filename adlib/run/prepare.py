@@ -1,0 +1,19 @@
+"""Prepare: index one category of a data set into a manifest and build its decoded-image cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def prepare_data(dataset_cfg: dict, category: str, img_size: int, manifest_out: str | Path,
+                 cache_root: str | Path, *, calibration_fraction: float = 0.0, seed: int = 0) -> Path:
+    """Index ``category`` of the data set described by ``dataset_cfg`` (``name``, ``layout``,
+    ``root``, ``options``), cache its images at ``img_size`` and write the manifest."""
+    from adlib.data import ImageCache, index_dataset, save_manifest
+
+    options = dict(dataset_cfg.get("options") or {})
+    seed = options.pop("seed", seed)  # a layout's own seed option (synthetic, custom split) wins
+    manifest = index_dataset(dataset_cfg["layout"], dataset_cfg["root"], category, dataset=dataset_cfg["name"],
+                             calibration_fraction=calibration_fraction, seed=seed, **options)
+    ImageCache.build(manifest, Path(cache_root), img_size)
+    save_manifest(manifest, Path(manifest_out))
+    return Path(manifest_out)
