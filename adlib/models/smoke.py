@@ -1,0 +1,39 @@
+"""Smoke-test sizes of every registered configuration: the same code path at a size that trains
+a few steps on a CPU in seconds (tests/test_all_models.py, benchmarks/gpu_check.py).
+
+The registered configurations stay the papers'; these overrides only shrink widths, depths,
+image sizes and budgets. Big CNN backbones become ResNet-18 (same layer names); transformers
+are built with few blocks at a small input size.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+#: image side of a smoke test
+SMOKE_IMG = 64
+#: per-pattern overrides, applied in order (later patterns win)
+SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "*": {"img_size": SMOKE_IMG, "batch_size": 4, "max_steps": 2},
+    "draem": {"base_width": 8, "disc_base_width": 8},
+    "autoencoder": {"channels": [4, 8, 8, 8]},
+    "fastflow-cait": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
+                      "flow_steps": 2},
+    "fastflow-deit": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
+                      "flow_steps": 2},
+}
+#: CNN backbones replaced by ResNet-18 in smoke tests
+BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
+
+
+def smoke_overrides(name: str) -> dict[str, Any]:
+    """The overrides that shrink configuration ``name`` for a smoke test."""
+    from adlib.models.registry import resolve_config
+
+    out: dict[str, Any] = {}
+    if resolve_config(name).model.get("backbone") in BIG_CNNS:
+        out["backbone"] = "resnet18"
+    for pattern, values in SMOKE_OVERRIDES.items():
+        if fnmatch.fnmatch(name, pattern):
+            out.update(values)
+    return out
