@@ -16,14 +16,59 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: Pillow modes that ``Image.convert("RGB")`` maps correctly (8 bits per channel, palette, bilevel)
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "La"}
+
+
+def _bit_depth(image: Image.Image, values: np.ndarray) -> int:
+    """Bits per sample of an integer image: the TIFF tag when present, else the container
+    (16 for ``I;16*``), else the smallest of 8/16/32 that holds the values."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258]
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    if image.mode.startswith("I;16"):
+        return 16
+    peak = int(values.max()) if values.size else 0
+    return 8 if peak <= 255 else 16 if peak <= 65535 else 32
+
+
+def to_rgb8(image: Image.Image, path: str) -> Image.Image:
+    """An RGB image with 8 bits per channel, intensities scaled by the file's real bit depth
+    (16-bit grey from industrial cameras is divided by 65535, not clipped at 255; float images
+    are read as intensities in [0, 1])."""
+    if image.mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.float64)
+        if values.size and values.min() < 0:
+            raise DataError(f"cannot decode image {path}: signed integer pixels (min {values.min():g}); save it "
+                            "as unsigned 8- or 16-bit")
+        scaled = values / (2 ** _bit_depth(image, values) - 1)
+    elif image.mode == "F":
+        scaled = np.asarray(image).astype(np.float64)
+        if not np.isfinite(scaled).all() or (scaled.size and (scaled.min() < 0 or scaled.max() > 1)):
+            raise DataError(f"cannot decode image {path}: floating-point pixels must be intensities in [0, 1] "
+                            f"(found {np.nanmin(scaled):g} .. {np.nanmax(scaled):g}); rescale it or save it as "
+                            "8/16-bit integers")
+    else:
+        raise DataError(f"cannot decode image {path}: pixel mode {image.mode!r} is not supported; save it as 8- or "
+                        "16-bit grey or RGB (PNG, TIFF, JPEG, BMP)")
+    grey = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
-    """Decode an image file as RGB (grayscale and palette images are converted)."""
+    """Decode an image file as 8-bit RGB (grey, palette, 16-bit and float images are converted;
+    see :func:`to_rgb8`)."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb8(image, path)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist (any more); re-index the data set") from None
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}. The file is corrupt or truncated: replace "
                         "it with a good copy, or delete it and re-index the data set") from None
