@@ -1,6 +1,10 @@
-"""The files of one run directory: weights, configuration, provenance, fit report.
+"""The files of one run directory: weights, configuration, provenance, fit report, and the
+completion records that tie them together.
 
-Every write goes through :mod:`adlib.io` (temporary name, then rename).
+Every write goes through :mod:`adlib.io` (temporary name, then rename). A trained run directory
+appears complete or not at all (built aside, then swapped in) and ends with ``run.json``, which
+holds the weights' SHA-256; an evaluation's ``metrics.json`` repeats that hash, so predict,
+evaluate and the aggregates can tell a complete, consistent run from a stale or broken one.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 from adlib import __version__
-from adlib.io import atomic_path, read_json, write_json
+from adlib.io import atomic_path, read_json, sha256_file, write_json
 from adlib.models.registry import ResolvedConfig, build_model
 
 WEIGHTS = "model.safetensors"
@@ -30,6 +35,12 @@ SCORES = "scores.parquet"
 MAPS = "maps.npz"
 METRICS = "metrics.json"
 SPLITS = "splits.json"
+#: the completion record of training (written last)
+RECORD = "run.json"
+
+
+class RunStateError(ValueError):
+    """A run directory is incomplete, damaged or inconsistent; the message says what to rerun."""
 
 
 def run_config(config: ResolvedConfig, *, dataset: str, category: str, seed: int, pretrained: bool,
@@ -50,20 +61,56 @@ def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, config: dict)
 
     run_dir = Path(run_dir)
     with atomic_path(run_dir / WEIGHTS) as tmp:
-        save_file(model.saved_state(), str(tmp), metadata={"adlib_model": config["name"]})
+        try:
+            save_file(model.saved_state(), str(tmp), metadata={"adlib_model": config["name"]})
+        except Exception as err:  # safetensors reports I/O failures as its own error type
+            errno = next((int(n) for n in re.findall(r"os error (\d+)", str(err))), None)
+            if errno is None:
+                raise
+            raise OSError(errno, f"cannot write {run_dir / WEIGHTS} ({os.strerror(errno)}): free some space or "
+                                 "choose another output folder") from None
     write_json(run_dir / CONFIG, config)
+
+
+def write_record(run_dir: str | os.PathLike) -> dict:
+    """Write run.json, the completion record of a trained run (after every other file)."""
+    run_dir = Path(run_dir)
+    record = {"weights_sha256": sha256_file(run_dir / WEIGHTS), "config_hash": config_hash(read_json(run_dir / CONFIG)),
+              "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(run_dir / RECORD, record)
+    return record
+
+
+def trained_record(run_dir: str | os.PathLike, *, verify: bool = False) -> dict:
+    """The completion record of a trained run; with ``verify`` the weights are re-hashed."""
+    run_dir = Path(run_dir)
+    missing = [name for name in (WEIGHTS, CONFIG, RECORD) if not (run_dir / name).is_file()]
+    if missing:
+        raise RunStateError(f"{run_dir} is not a completed training run ({', '.join(missing)} missing): train it "
+                            "(again) with `adlib train` or the workflow")
+    record = read_json(run_dir / RECORD)
+    if verify and sha256_file(run_dir / WEIGHTS) != record.get("weights_sha256"):
+        raise RunStateError(f"{run_dir / WEIGHTS} does not match its completion record (changed, truncated or "
+                            "damaged since training): retrain the run, or restore the file from a backup")
+    return record
+
+
+def check_evaluated(run_dir: str | os.PathLike, model_dir: str | os.PathLike, metrics: dict) -> None:
+    """The evaluation in ``run_dir`` (its ``metrics``) belongs to the model now in ``model_dir``."""
+    record = trained_record(model_dir)
+    if metrics.get("weights_sha256") != record.get("weights_sha256"):
+        raise RunStateError(f"the evaluation in {run_dir} belongs to an earlier model than the one in {model_dir} "
+                            "(it was retrained since): evaluate it again (`adlib evaluate` or rerun the workflow)")
 
 
 def load_model(run_dir: str | os.PathLike, *, backbone_dir: str | os.PathLike | None = None,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a saved model (frozen backbones come from ``backbone_dir`` again)."""
+    """Rebuild a saved model (frozen backbones come from ``backbone_dir`` again); the weights
+    are checked against the run's completion record first."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    for name in (CONFIG, WEIGHTS):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} is missing: {run_dir} is not a completed training run "
-                                    "(train it first with `adlib train` or the workflow)")
+    trained_record(run_dir, verify=True)
     config = read_json(run_dir / CONFIG)
     model = build_model(ResolvedConfig.from_dict(config), pretrained=config.get("pretrained", True),
                         backbone_dir=backbone_dir)

@@ -1,8 +1,9 @@
 """Tiny finished-run directories with synthetic numbers, for the reporting tests.
 
-Each run gets real per-run files in the pipeline's format (config.json, fit.json,
-provenance.json, scores.parquet, metrics.json); metrics are computed from the written scores with
-adlib.evaluation, so aggregates can be checked against them.
+Each run gets real per-run files in the run steps' format (config.json, fit.json,
+provenance.json, scores.parquet, metrics.json, and the completion record run.json over a stand-in
+weights file); metrics are computed from the written scores with adlib.evaluation, so aggregates
+can be checked against them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 from adlib.evaluation.metrics import image_metrics
 from adlib.evaluation.thresholds import threshold_report
+from adlib.artifacts import write_record
 from adlib.io import write_json
 
 
@@ -51,7 +53,6 @@ def make_run(root: Path, dataset: str, category: str, model: str, seed: int, *, 
     metrics.update(threshold_report(test["label"].to_numpy(), test["score"].to_numpy(), calib_labels, calib_scores))
     metrics.update({"inference_ms_b1": ms * 2, "inference_ms_batch": ms, "n_test": int(len(test)),
                     "n_normal": n_normal, "n_anomalous": n_anomalous})
-    write_json(run_dir / "metrics.json", metrics)
     config = {"name": model, "family": family, "model": {"backbone": "tf_efficientnet_lite0", "normalize": True},
               "train": {"num_epochs": 1, "batch_size": 8, "img_size": 32}, "dataset": dataset,
               "category": category, "seed": seed, "pretrained": False}
@@ -64,6 +65,9 @@ def make_run(root: Path, dataset: str, category: str, model: str, seed: int, *, 
                                              "hostname": "test", "cpu": "x86", "gpu": None,
                                              "backbone": "tf_efficientnet_lite0", "random_backbone": True,
                                              "config_hash": "abc", "created": "2024-01-01T00:00:00"})
+    (run_dir / "model.safetensors").write_bytes(f"weights of {model} {seed}".encode())
+    metrics["weights_sha256"] = write_record(run_dir)["weights_sha256"]
+    write_json(run_dir / "metrics.json", metrics)
     return run_dir
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from adlib.io import atomic_path
-from adlib.reporting.runs import RUN_KEYS, THRESHOLD_METHODS, read_run_json, run_identity
+from adlib.reporting.runs import RUN_KEYS, THRESHOLD_METHODS, check_consistent, read_run_json, run_identity
 
 #: metrics a ranking can use (higher is better for all of them)
 RANK_METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pixel_aupro")
@@ -24,6 +24,7 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Everything the leaderboard knows about one finished run (config, fit, metrics, provenance)."""
     metrics = read_run_json(run_dir, "metrics.json")
     model_dir = Path(run_dir) / metrics.get("model_dir", ".")  # dataset-scope runs train elsewhere
+    check_consistent(run_dir, model_dir, metrics)
     config = read_run_json(model_dir, "config.json")
     fit = read_run_json(model_dir, "fit.json")
     prov = read_run_json(model_dir, "provenance.json")

@@ -53,6 +53,16 @@ def read_run_json(run_dir: str | os.PathLike, name: str, required: bool = True) 
     return data
 
 
+def check_consistent(run_dir: str | os.PathLike, model_dir: str | os.PathLike, metrics: dict) -> None:
+    """The run's evaluation belongs to the model in its model folder (completion records agree)."""
+    from adlib.artifacts import RunStateError, check_evaluated
+
+    try:
+        check_evaluated(run_dir, model_dir, metrics)
+    except RunStateError as err:
+        raise RunFileError(str(err)) from None
+
+
 def read_scores(run_dir: str | os.PathLike) -> pd.DataFrame:
     """scores.parquet of a run with the run's identity columns added."""
     path = Path(run_dir) / "scores.parquet"

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from adlib import artifacts
-from adlib.io import read_json, write_json
+from adlib.io import (check_writable, dir_mode, publish_staged, read_json, remove_stale_temporaries,
+                      temporary_name, write_json)
 from adlib.run.device import job_device
 from adlib.run.loaders import image_loader, split_of
 from adlib.run.pictures import write_pictures
@@ -20,7 +22,8 @@ SCORE_COLUMNS = ["image_path", "category", "defect_type", "label", "split"]
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Settings, *,
                  cache_root: str | Path | None = None, calibration: str = "test", progress: bool = True,
-                 title: str | None = None, model_dir: str | Path | None = None) -> Path:
+                 title: str | None = None, model_dir: str | Path | None = None,
+                 allow_other_data: bool = False) -> Path:
     """Score the test split of ``manifest_path`` with the model trained in ``model_dir`` (default
     ``run_dir``); write the results into ``run_dir``.
 
@@ -28,16 +31,21 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     ``calibration="calibration"`` also fits the thresholds on the manifest's calibration split
     and reports them applied to the test split ("transferred"), beside the oracle thresholds
     fitted on the test split itself. Images the model trained on (labelled configurations) are
-    never scored.
+    never scored. A manifest of another data set or category than the model was trained on is
+    refused unless ``allow_other_data`` (then metrics.json records it as ``evaluated_on``).
     """
     from adlib.data import DataError, load_manifest
     from adlib.evaluation import build_metrics
 
     run_dir = Path(run_dir)
     model_dir = Path(model_dir) if model_dir is not None else run_dir
+    record = artifacts.trained_record(model_dir)
+    check_writable(run_dir)
+    remove_stale_temporaries(run_dir)
     device = job_device(settings)
     model, config = artifacts.load_model(model_dir, backbone_dir=settings.backbone_dir, device=device)
     manifest = load_manifest(Path(manifest_path))
+    other_data = _other_data(manifest, config, manifest_path, model_dir, allow_other_data)
     trained_on = set(_trained_on(model_dir))
     test_df = split_of(manifest, "test")
     excluded = int(test_df["image_path"].isin(trained_on).sum())
@@ -68,8 +76,13 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     if excluded:
         metrics["notes"].append(f"{excluded} anomalous test images were used for training (labelled "
                                 "configuration) and are not evaluated")
+    if other_data:
+        metrics["evaluated_on"] = other_data
+        metrics["notes"].append(f"evaluated on other data than the model was trained on: {other_data}")
     if model_dir.resolve() != run_dir.resolve():
         metrics["model_dir"] = os.path.relpath(model_dir, run_dir)  # relative: the results folder may move
+
+    metrics["weights_sha256"] = record["weights_sha256"]  # ties this evaluation to the model it scored
 
     scores = test_df[SCORE_COLUMNS].copy()
     scores["score"] = test.scores
@@ -77,13 +90,39 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         extra = calib_df[SCORE_COLUMNS].copy()
         extra["score"] = calib_scores
         scores = pd.concat([scores, extra], ignore_index=True)
-    artifacts.write_scores(run_dir / artifacts.SCORES, scores)
-    if test.maps is not None:
-        artifacts.write_maps(run_dir / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
-    write_json(run_dir / artifacts.METRICS, metrics)
     title = title or f"{config['dataset']}_{test_df['category'].iloc[0]}_{config['name']}"
-    write_pictures(run_dir, title, test_df, test, metrics, loader.dataset)
+    # everything is written aside, then moved in with metrics.json (the completion record) last:
+    # a failure leaves the previous evaluation as it was
+    stage = temporary_name(run_dir / "evaluation")
+    stage.mkdir(mode=dir_mode())
+    try:
+        artifacts.write_scores(stage / artifacts.SCORES, scores)
+        if test.maps is not None:
+            artifacts.write_maps(stage / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
+        write_pictures(stage, title, test_df, test, metrics, loader.dataset)
+        write_json(stage / artifacts.METRICS, metrics)
+        publish_staged(stage, run_dir, last=artifacts.METRICS)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return run_dir
+
+
+def _other_data(manifest: pd.DataFrame, config: dict, manifest_path, model_dir: Path, allowed: bool) -> dict | None:
+    """The data set / categories of ``manifest`` when they are not the ones the model trained on."""
+    from adlib.data import DataError
+
+    datasets = sorted(manifest["dataset"].astype(str).unique())
+    categories = sorted(manifest["category"].astype(str).unique())
+    trained = set(config.get("categories") or [config["category"]])
+    if datasets == [config["dataset"]] and set(categories) <= trained:
+        return None
+    if not allowed:
+        raise DataError(f"manifest {manifest_path} holds data set {', '.join(datasets)} / categories "
+                        f"{', '.join(categories)}, but the model in {model_dir} was trained on {config['dataset']} / "
+                        f"{', '.join(sorted(trained))}: give the manifest of the run's own category, or allow other "
+                        "data on purpose (CLI: --other-data; recorded in metrics.json)")
+    return {"dataset": datasets, "categories": categories}
 
 
 def model_dir_of(run_dir: str | Path) -> Path:

@@ -51,8 +51,12 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     from adlib.evaluation.plots import plot_overlay
 
     run_dir = Path(run_dir)
+    if not (run_dir / artifacts.METRICS).is_file():
+        raise artifacts.RunStateError(f"{run_dir} has no {artifacts.METRICS}: the run was not evaluated, so it has no "
+                                      "thresholds; evaluate it first (`adlib evaluate` or the workflow)")
     metrics = read_json(run_dir / artifacts.METRICS)
     model_dir = model_dir_of(run_dir)
+    artifacts.check_evaluated(run_dir, model_dir, metrics)
     device = job_device(settings)
     model, config = artifacts.load_model(model_dir, backbone_dir=settings.backbone_dir, device=device)
     threshold = decision_threshold(metrics, threshold_method)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adlib import artifacts
-from adlib.io import write_json
+from adlib.io import check_writable, staged_directory, write_json
 from adlib.models.base import AnomalyModel, FitContext
 from adlib.models.registry import ModelSpec, build_model, get_spec, resolve_config
 from adlib.run.device import job_device
@@ -87,6 +87,7 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
     manifest = load_manifests(manifest_path)
     split = training_split(manifest, spec, tcfg, settings.seed, source=f"manifest {manifest_path}")
     validation_source = _validation_source(manifest, split, tcfg)
+    check_writable(run_dir.parent)
     device = job_device(settings)
     model: AnomalyModel = build_model(config, pretrained=pretrained, backbone_dir=settings.backbone_dir)
     side = int(tcfg.get("center_crop") or tcfg["img_size"])
@@ -111,16 +112,19 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
     cfg = artifacts.run_config(config, dataset=str(manifest["dataset"].iloc[0]), category=run_category(manifest, spec),
                                categories=sorted(manifest["category"].astype(str).unique()), seed=settings.seed,
                                pretrained=pretrained)
-    artifacts.save_model(run_dir, model, cfg)
     extra = {"backbone": config.model.get("backbone"), "backbone_weights": _weights_provenance(model),
              "auxiliary": aux_sources, "scope": spec.scope, "train_labels": spec.train_labels,
              "validation": validation_source, **model.provenance()}
-    write_json(run_dir / artifacts.PROVENANCE, artifacts.provenance(cfg, device=device, extra=extra))
-    write_json(run_dir / artifacts.SPLITS, split.record())
-    write_json(run_dir / artifacts.FIT, {**report.to_dict(), "num_parameters": model.num_parameters(),
-                                         "num_train_images": len(split.train),
-                                         "num_validation_images": len(split.validation),
-                                         "num_labelled_train_images": len(split.labelled)})
+    # built aside and swapped in: a failure here leaves the previous run as it was
+    with staged_directory(run_dir) as stage:
+        artifacts.save_model(stage, model, cfg)
+        write_json(stage / artifacts.PROVENANCE, artifacts.provenance(cfg, device=device, extra=extra))
+        write_json(stage / artifacts.SPLITS, split.record())
+        write_json(stage / artifacts.FIT, {**report.to_dict(), "num_parameters": model.num_parameters(),
+                                           "num_train_images": len(split.train),
+                                           "num_validation_images": len(split.validation),
+                                           "num_labelled_train_images": len(split.labelled)})
+        artifacts.write_record(stage)
     return run_dir
 
 
