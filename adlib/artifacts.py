@@ -154,6 +154,19 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def numerics() -> dict[str, Any]:
+    """What decides floating-point results besides the code and the seed: library versions,
+    thread count and the math libraries torch uses."""
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    lapack = re.search(r"LAPACK_INFO=(\w+)", config)
+    return {"numpy_version": np.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "blas": blas.group(1) if blas else None, "lapack": lapack.group(1) if lapack else None,
+            "mkldnn": bool(torch.backends.mkldnn.is_available()), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+
+
 def provenance(config: dict, *, device: torch.device, extra: dict | None = None) -> dict:
     import timm
 
@@ -161,6 +174,7 @@ def provenance(config: dict, *, device: torch.device, extra: dict | None = None)
         "adlib_version": __version__,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
+        **numerics(),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "seed": config["seed"],

@@ -2,7 +2,8 @@
 
 Resolution order for each field: explicit argument > environment variable > config file >
 default. Environment variables: ADLIB_DATA_ROOT, ADLIB_BACKBONE_DIR, ADLIB_OUTPUT_DIR,
-ADLIB_SEED, ADLIB_NUM_WORKERS, ADLIB_DEVICE, ADLIB_SETTINGS (path of a YAML/JSON file).
+ADLIB_SEED, ADLIB_NUM_WORKERS, ADLIB_DEVICE, ADLIB_THREADS, ADLIB_CACHE_DIR, ADLIB_SETTINGS (path of
+a YAML/JSON file).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ _ENV = {
     "num_workers": "ADLIB_NUM_WORKERS",
     "device": "ADLIB_DEVICE",
     "cache_dir": "ADLIB_CACHE_DIR",
+    "threads": "ADLIB_THREADS",
 }
+_INTEGERS = ("seed", "num_workers", "threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +37,25 @@ class Settings:
     seed: int = 42
     num_workers: int = 0
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    threads: int | None = None  # torch's intra-op threads (None: torch's default); results can depend on it
 
     def __post_init__(self) -> None:
         for name in ("data_root", "backbone_dir", "output_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
-        object.__setattr__(self, "seed", int(self.seed))
-        object.__setattr__(self, "num_workers", int(self.num_workers))
+        for name in _INTEGERS:
+            value = getattr(self, name)
+            if value is None and name == "threads":
+                continue
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"setting {name!r} must be an integer, got {value!r}") from None
+            if number < (1 if name == "threads" else 0):
+                raise ValueError(f"setting {name!r} must be {'positive' if name == 'threads' else '>= 0'}, "
+                                 f"got {number}")
+            object.__setattr__(self, name, number)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -60,6 +74,8 @@ class Settings:
         for field, env in _ENV.items():
             if env in os.environ:
                 values[field] = os.environ[env]
+                if field in _INTEGERS and not os.environ[env].strip().lstrip("-").isdigit():
+                    raise ValueError(f"environment variable {env}={os.environ[env]!r} is not an integer")
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

@@ -75,10 +75,25 @@ class Validator:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU."""
+    """``"auto"`` picks CUDA when present, else CPU; a device that does not exist here is a
+    ``ValueError`` saying what to use instead."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} asked for a GPU, but no CUDA GPU is visible to this process: use "
+                             "device cpu (or auto, which picks a GPU when there is one)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this process sees {count} GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif resolved.type not in ("cpu", "mps"):
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

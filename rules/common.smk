@@ -6,8 +6,7 @@ import os
 from adlib import workflow as wf
 
 try:
-    CONFIG = wf.validate_config(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
-    RUNS = wf.build_run_table(CONFIG)
+    CONFIG, RUNS = wf.load_workflow(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 except wf.ConfigError as err:
     raise WorkflowError(str(err)) from None
 config.update(CONFIG)  # script adapters read the validated config, defaults filled
@@ -22,6 +21,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
     seed=r"\d+",
     size=r"\d+",
+    key=r"[0-9a-f]{12}",
 
 
 def run_manifest(wildcards):

@@ -54,7 +54,7 @@ rule evaluate:
         P.log("evaluate", RUN_KEY),
     benchmark:
         P.benchmark("evaluate", RUN_KEY)
-    threads: 2
+    threads: CONFIG["threads"]
     resources:
         gpu=1,
     script:

@@ -22,7 +22,7 @@ rule train:
         P.log("train", RUN_KEY),
     benchmark:
         P.benchmark("train", RUN_KEY)
-    threads: 2
+    threads: CONFIG["threads"]
     resources:
         gpu=1,
     script:

@@ -282,8 +282,11 @@ def test_wrong_shape_in_one_tensor(tmp_path):
 
 def test_pickled_module_is_refused_not_unpickled(tmp_path):
     torch.save(nn.Linear(2, 2), tmp_path / "resnet18.pth")  # a whole pickled module
-    with pytest.raises(WeightsFileError, match="pickled Python objects"):
+    with pytest.raises(WeightsFileError, match="pickled Python objects") as info:
         create_backbone("resnet18", pretrained=True, backbone_dir=tmp_path)
+    message = str(info.value)
+    assert "Only if you trust where the file comes from" in message  # never an unconditional weights_only=False
+    assert "\x1b" not in message  # no terminal colour codes from torch's own message
 
 
 def test_truncated_file_is_reported(tmp_path):

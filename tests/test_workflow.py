@@ -121,13 +121,14 @@ def test_run_table():
     cfg = wf.validate_config(_config(models=models, seeds=[1, 2], img_size=32,
                                      calibration={"method": "calibration", "fraction": 0.3}), SCHEMA)
     table = wf.build_run_table(cfg)
+    key = table.prepare_key("syn")
     assert len(table) == 2 * 2 * 2
     assert table.runs[0].run_dir == f"results/runs/syn/widget/{MODELS[0]}/1"
-    assert table.manifest("syn", "gear", MODELS[0], "2") == "results/prepared/syn/gear/32/manifest.parquet"
-    assert table.manifest("syn", "gear", big, 1) == "results/prepared/syn/gear/64/manifest.parquet"
+    assert table.manifest("syn", "gear", MODELS[0], "2") == f"results/prepared/syn/{key}/gear/32/manifest.parquet"
+    assert table.manifest("syn", "gear", big, 1) == f"results/prepared/syn/{key}/gear/64/manifest.parquet"
     assert table.overrides(MODELS[0]) == {"img_size": 32} and table.overrides(big) == {"img_size": 64}
     assert table.model_name(big) == MODELS[1]
-    assert table.train_manifests("syn", "gear", big, 1) == ["results/prepared/syn/gear/64/manifest.parquet"]
+    assert table.train_manifests("syn", "gear", big, 1) == [f"results/prepared/syn/{key}/gear/64/manifest.parquet"]
     assert table.model_file("syn", "gear", big, 1, "config.json") == f"results/runs/syn/gear/{big}/1/config.json"
     assert table.prepare_config("syn") == {"name": "syn", "layout": "synthetic", "root": "results/data/syn",
                                            "options": {}}
@@ -139,13 +140,17 @@ def test_run_table():
 
 
 def test_image_size_follows_the_registered_configuration_unless_overridden():
-    models = ["padim", "fastflow-cait", {"name": "fastflow-deit", "overrides": {"img_size": 96}}]
+    models = ["padim", "fastflow-cait",
+              {"name": "fastflow-deit", "overrides": {"img_size": 96, "backbone_kwargs": {"img_size": 96}}}]
     table = wf.build_run_table(wf.validate_config(_config(models=models), SCHEMA))
     assert {label: table.img_size(label) for label in table.models} == {"padim": 256, "fastflow-cait": 448,
                                                                           "fastflow-deit": 96}
-    assert table.manifest("syn", "widget", "fastflow-cait", 0) == "results/prepared/syn/widget/448/manifest.parquet"
-    forced = wf.build_run_table(wf.validate_config(_config(models=models, img_size=64), SCHEMA))
-    assert forced.img_size("fastflow-cait") == 64 and forced.img_size("fastflow-deit") == 96
+    key = table.prepare_key("syn")
+    assert table.manifest("syn", "widget", "fastflow-cait", 0) == f"results/prepared/syn/{key}/widget/448/manifest.parquet"
+    forced = wf.build_run_table(wf.validate_config(_config(models=["padim", models[2]], img_size=64), SCHEMA))
+    assert forced.img_size("padim") == 64 and forced.img_size("fastflow-deit") == 96
+    text = _error(_config(models=models, img_size=64))  # a size fastflow-cait's transformer cannot take
+    assert "config key 'img_size' (forced on models[1], fastflow-cait): backbone cait_m48_448 expects 448x448" in text
 
 
 def test_dataset_scope_configurations_train_once_per_data_set():
@@ -160,8 +165,9 @@ def test_dataset_scope_configurations_train_once_per_data_set():
         assert {r.train_dir for r in shared} == {"study1/runs/syn/all/padim-scope-test/0"}
         assert [r.run_dir for r in shared] == ["study1/runs/syn/widget/padim-scope-test/0",
                                                "study1/runs/syn/gear/padim-scope-test/0"]
+        key = table.prepare_key("syn")
         assert table.train_manifests("syn", "all", "padim-scope-test", 0) == [
-            "study1/prepared/syn/widget/256/manifest.parquet", "study1/prepared/syn/gear/256/manifest.parquet"]
+            f"study1/prepared/syn/{key}/widget/256/manifest.parquet", f"study1/prepared/syn/{key}/gear/256/manifest.parquet"]
         assert table.model_file("syn", "gear", "padim-scope-test", 0, "model.safetensors") == \
             "study1/runs/syn/all/padim-scope-test/0/model.safetensors"
         assert len(table.train_files("fit.json")) == 3  # padim x 2 categories + one shared job

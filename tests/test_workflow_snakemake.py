@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from adlib.data.synthetic import make_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = ("Snakefile", "rules", "scripts", "report", "profiles", "envs", "config/schema.yaml")
 AGGREGATE_RULES = {"leaderboard", "statistics", "cost", "thresholds", "ensemble", "report", "all"}
@@ -114,11 +116,18 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, target)
     shutil.copytree(REPO / "adlib", repo / "adlib", ignore=shutil.ignore_patterns("__pycache__"))
     work, env = tmp_path / "work", {"PYTHONPATH": str(repo)}
+    data = tmp_path / "data"  # a data set on disk (MVTec layout), so the test can change its files
+    make_dataset("mvtec", data, categories=("widget", "gear"), n_train=6, n_test_good=4, n_test_bad=4, size=32)
 
     def sm(config, *args):
         return snakemake(work, config, *args, snakefile=repo / "Snakefile", env=env)
 
-    config = tiny_config()
+    def disk_config(**changes):
+        config = tiny_config(**changes)
+        config["datasets"] = [{"name": "syn", "layout": "mvtec", "root": str(data), "categories": ["widget"]}]
+        return config
+
+    config = disk_config()
     check(sm(config))
     board = pd.read_csv(work / "results/aggregate/leaderboard.csv")
     assert sorted(board.model) == [IMAGE_MODEL, MAPS_MODEL] and board.image_auroc.notna().all()
@@ -134,7 +143,7 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
     assert "Nothing to be done" in check(sm(config, "-n"))
 
     # one model's override: only its runs and the aggregates
-    changed = tiny_config()
+    changed = disk_config()
     changed["models"][0]["overrides"]["n_features"] = 30
     jobs = planned(check(sm(changed, "-n")))
     assert run_jobs(jobs) == {("train", "widget", MAPS_MODEL), ("evaluate", "widget", MAPS_MODEL)}
@@ -150,20 +159,42 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
     assert "Nothing to be done" in check(sm(config, "-n"))
 
     # a new category: only its runs
-    more = tiny_config()
+    more = disk_config()
     more["datasets"][0]["categories"] = ["widget", "gear"]
     jobs = planned(check(sm(more, "-n")))
     assert run_jobs(jobs) == {("prepare", "gear", ""), ("train", "gear", MAPS_MODEL), ("train", "gear", IMAGE_MODEL),
                               ("evaluate", "gear", MAPS_MODEL), ("evaluate_image_level", "gear", IMAGE_MODEL)}
 
+    # changed data (an image added, a mask replaced): that category is prepared, trained and evaluated again
+    train_dir = data / "widget" / "train" / "good"
+    shutil.copy(sorted(train_dir.iterdir())[0], train_dir / "extra.png")
+    jobs = planned(check(sm(config, "-n")))
+    assert run_jobs(jobs) == {("prepare", "widget", ""), ("train", "widget", MAPS_MODEL),
+                              ("train", "widget", IMAGE_MODEL), ("evaluate", "widget", MAPS_MODEL),
+                              ("evaluate_image_level", "widget", IMAGE_MODEL)}
+    (train_dir / "extra.png").unlink()
+    assert "Nothing to be done" in check(sm(config, "-n"))
+    mask = sorted((data / "widget" / "ground_truth").rglob("*.png"))[0]
+    mask.write_bytes(mask.read_bytes())  # same bytes, new modification time: a replaced file
+    assert ("prepare", "widget", "") in run_jobs(planned(check(sm(config, "-n"))))
+    check(sm(config))
+
+    # a second study in the same folder, with its own results folder, leaves this one alone
+    other = disk_config(results="results_other")
+    other["models"] = other["models"][:1]
+    check(sm(other))
+    assert (work / "results_other/aggregate/leaderboard.csv").is_file()
+    assert "Nothing to be done" in check(sm(config, "-n"))
+    lb_mtime = (work / "results/aggregate/leaderboard.csv").stat().st_mtime
+
     # a failing run keeps the completed runs and aggregates; the next call does only the missing work
-    broken = tiny_config()
+    broken = disk_config()
     broken["models"].append({"name": "patchcore", "overrides": {"backbone": "no_such_backbone"}})
     result = sm(broken)
     assert result.returncode != 0 and "Error in rule train" in result.stdout
     assert (work / "results/aggregate/leaderboard.csv").stat().st_mtime == lb_mtime
     assert (run / "metrics.json").is_file()
-    fixed = tiny_config()
+    fixed = disk_config()
     fixed["models"].append({"name": "patchcore", "overrides": {"backbone": "tf_efficientnet_lite0"}})
     jobs = planned(check(sm(fixed, "-n")))
     assert run_jobs(jobs) == {("train", "widget", "patchcore"), ("evaluate", "widget", "patchcore")}
@@ -195,5 +226,5 @@ def test_fastflow_cait_trains_at_its_registered_448_px(tmp_path):
     run = tmp_path / "results/runs/syn/widget/fastflow-cait/0"
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["img_size"] == 448 and saved["model"]["backbone"] == "cait_m48_448"
-    assert (tmp_path / "results/prepared/syn/widget/448/manifest.parquet").is_file()
+    assert list((tmp_path / "results/prepared/syn").glob("*/widget/448/manifest.parquet"))
     assert json.loads((run / "metrics.json").read_text())["image_auroc"] is not None

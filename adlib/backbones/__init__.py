@@ -1,11 +1,26 @@
-"""Offline backbones: weight resolution (never downloads) and a frozen multi-layer extractor."""
-from adlib.backbones.catalog import CATALOG, candidate_files, catalog_entry
-from adlib.backbones.extractor import FeatureExtractor, create_backbone, input_stats, resolve_layers
-from adlib.backbones.inventory import ManifestError, list_backbones, verify_backbones, write_checksums
-from adlib.backbones.weights import (MissingWeightsError, WeightsFileError, load_pretrained, read_state_dict,
-                                     read_weights, resolve_weights)
+"""Offline backbones: weight resolution (never downloads) and a frozen multi-layer extractor.
 
-__all__ = ["CATALOG", "FeatureExtractor", "ManifestError", "MissingWeightsError", "WeightsFileError",
-           "candidate_files", "catalog_entry", "create_backbone", "input_stats", "list_backbones",
-           "load_pretrained", "read_state_dict", "read_weights", "resolve_layers", "resolve_weights",
-           "verify_backbones", "write_checksums"]
+Names are imported lazily: ``from adlib.backbones.catalog import ...`` (the CLI, the workflow's
+preflight) never imports torch or timm.
+"""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "CATALOG": "catalog", "candidate_files": "catalog", "catalog_entry": "catalog",
+    "FeatureExtractor": "extractor", "create_backbone": "extractor", "input_stats": "extractor",
+    "resolve_layers": "extractor",
+    "ManifestError": "inventory", "list_backbones": "inventory", "verify_backbones": "inventory",
+    "write_checksums": "inventory",
+    "MissingWeightsError": "locate", "resolve_weights": "locate",
+    "WeightsFileError": "weights", "load_pretrained": "weights", "read_state_dict": "weights",
+    "read_weights": "weights",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'adlib.backbones' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"adlib.backbones.{_WHERE[name]}"), name)

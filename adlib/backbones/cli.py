@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adlib.backbones.catalog import candidate_files, catalog_entry
 from adlib.backbones.inventory import ManifestError, list_backbones, verify_backbones, write_checksums
-from adlib.backbones.weights import MissingWeightsError, missing_message, resolve_weights
+from adlib.backbones.locate import MissingWeightsError, missing_message, resolve_weights
 
 
 def _backbone_dir(args: argparse.Namespace) -> Path:

@@ -30,6 +30,22 @@ def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return HALF_STATS if name.startswith(_HALF_STATS_PREFIXES) else IMAGENET_STATS
 
 
+def check_architecture(name: str, backbone_dir: str | Path | None = None) -> None:
+    """A ``ValueError`` naming close timm names and the backbones with weights at hand when
+    ``name`` is not a timm architecture."""
+    if timm.is_model(name):
+        return
+    import difflib
+
+    from adlib.backbones.inventory import list_backbones
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
+    present = [row["name"] for row in list_backbones(backbone_dir) if row["present"]]
+    raise ValueError(f"unknown backbone {name!r}: not a timm architecture"
+                     + (f" (did you mean {', '.join(close)}?)" if close else "")
+                     + (f". Backbones with weights available now: {', '.join(present)}" if present else ""))
+
+
 def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | None = None,
                     warn_random: bool = True, **timm_kwargs) -> nn.Module:
     """Build timm model ``name``; load offline weights when ``pretrained``, else a seeded random init.
@@ -38,6 +54,7 @@ def create_backbone(name: str, *, pretrained: bool, backbone_dir: str | Path | N
     every process (a saved run reloads an identical frozen backbone). Where the weights came
     from is kept in ``model.weights_provenance`` ({"backbone", "source", "sha256", ...}).
     """
+    check_architecture(name, backbone_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
@@ -87,6 +104,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.name = name
         self.layers = list(layers)
+        check_architecture(name, backbone_dir)
         probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
         indices = resolve_layers(probe.feature_info, self.layers)
         del probe

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from adlib.backbones.catalog import CATALOG, WEIGHT_SUFFIXES
-from adlib.backbones.weights import MissingWeightsError, find_in_dir, package_file
+from adlib.backbones.locate import MissingWeightsError, find_in_dir, package_file
 from adlib.io import sha256_file, write_json
 
 MANIFEST_NAMES = ("SHA256SUMS.json", "SHA256SUMS", "SHA256SUMS.txt")

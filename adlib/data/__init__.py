@@ -16,13 +16,25 @@ import pandas as pd
 
 from adlib.data import btad, custom, folder, mvtec, synthetic, visa
 from adlib.data.auxiliary import list_aux_images, resolve_imagenet_dir, resolve_texture_dir
-from adlib.data.cache import ImageCache
-from adlib.data.dataset import ImageDataset
 from adlib.data.files import IMAGE_EXTENSIONS, check_name
 from adlib.data.images import IMAGENET_MEAN, IMAGENET_STD, load_sample
 from adlib.data.manifest import (MANIFEST_COLUMNS, SPLITS, DataError, DataWarning, load_manifest,
                                  make_manifest, save_manifest, sort_manifest)
 from adlib.data.splits import carve_calibration, split_normals
+
+def __getattr__(name: str):
+    # the torch Dataset and the cache are imported on first use: listing or indexing data (the CLI,
+    # the workflow's dry run) does not need torch
+    if name == "ImageDataset":
+        from adlib.data.dataset import ImageDataset
+
+        return ImageDataset
+    if name == "ImageCache":
+        from adlib.data.cache import ImageCache
+
+        return ImageCache
+    raise AttributeError(f"module 'adlib.data' has no attribute {name!r}")
+
 
 #: Layout name -> indexer ``(root, category, *, dataset=None, **options) -> manifest``.
 LAYOUTS: dict[str, Callable[..., pd.DataFrame]] = {
@@ -47,6 +59,31 @@ def _layout(layout: str) -> str:
     if layout not in LAYOUTS:
         raise DataError(f"unknown data set layout {layout!r}; choose one of {sorted(LAYOUTS)}")
     return layout
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """The layout of the data set at ``root``: the one whose indexer finds categories there
+    (custom and folder layouts must be named, they match almost any folder)."""
+    from pathlib import Path
+
+    root = Path(root)
+    if (root / "data_rgb").is_dir() or any((p / "data_rgb").is_dir() for p in root.iterdir() if p.is_dir()):
+        return "custom"
+    if (root / "split_csv").is_dir():
+        return "visa"
+    found = [layout for layout in ("btad", "mvtec") if _lists_categories(layout, root)]
+    if found:
+        return found[0]  # BTAD's train/ok is more specific than MVTec's train/<anything>
+    raise DataError(f"cannot tell the layout of the data set at {root}: no <category>/train/good (mvtec), "
+                    "<category>/train/ok (btad), split_csv/ (visa) or data_rgb/ (custom) found. Name it with "
+                    "layout=... (CLI --layout): mvtec, visa, btad, custom or folder, and point root at its folder")
+
+
+def _lists_categories(layout: str, root) -> bool:
+    try:
+        return bool(list_categories(layout, root))
+    except (DataError, OSError):
+        return False
 
 
 def list_categories(layout: str, root: str | os.PathLike, **options) -> list[str]:
@@ -107,7 +144,7 @@ def index_many(specs: list[dict], *, calibration_fraction: float = 0.0, seed: in
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUTS", "MANIFEST_COLUMNS", "SPLITS",
-    "DataError", "DataWarning", "ImageCache", "ImageDataset", "carve_calibration", "index_dataset",
+    "DataError", "DataWarning", "ImageCache", "ImageDataset", "carve_calibration", "detect_layout", "index_dataset",
     "index_many", "list_aux_images", "list_categories", "load_manifest", "load_sample", "make_manifest",
     "resolve_imagenet_dir", "resolve_texture_dir", "save_manifest", "sort_manifest", "split_normals",
 ]

@@ -1,13 +1,13 @@
 """Model implementations. :func:`load_all` imports every model module, which registers its
-configurations; the registry calls it on first use, so importing this package stays cheap."""
+configurations; the registry calls it on first use. The names below are imported lazily, so
+importing this package (e.g. for :mod:`adlib.models.index`) does not import torch."""
 from __future__ import annotations
 
 import importlib
 
-from adlib.models.base import (AnomalyModel, AnomalyOutput, AuxStream, DataPass, FitContext, OptimizerSpec, Step,
-                               TrainBatch)
-from adlib.models.registry import (ModelSpec, TrainDefaults, create_model, list_models, register, register_variant,
-                                   resolve_config)
+_BASE = ("AnomalyModel", "AnomalyOutput", "AuxStream", "DataPass", "FitContext", "OptimizerSpec", "Step", "TrainBatch")
+_REGISTRY = ("ModelSpec", "TrainDefaults", "create_model", "list_models", "register", "register_variant",
+             "resolve_config")
 
 # One module per method; each registers its configurations when imported.
 _MODEL_MODULES = (
@@ -28,6 +28,12 @@ def load_all() -> None:
         importlib.import_module(f"adlib.models.{module}")
 
 
-__all__ = ["AnomalyModel", "AnomalyOutput", "AuxStream", "DataPass", "FitContext", "ModelSpec", "OptimizerSpec",
-           "Step", "TrainBatch", "TrainDefaults", "create_model", "list_models", "register", "register_variant",
-           "resolve_config"]
+__all__ = [*_BASE, *_REGISTRY]
+
+
+def __getattr__(name: str):
+    if name in _BASE:
+        return getattr(importlib.import_module("adlib.models.base"), name)
+    if name in _REGISTRY:
+        return getattr(importlib.import_module("adlib.models.registry"), name)
+    raise AttributeError(f"module 'adlib.models' has no attribute {name!r}")

@@ -212,6 +212,13 @@ class AnomalyModel(nn.Module):
             return images
         return (images - self._input_mean) / self._input_std
 
+    # ----- what training needs ----------------------------------------------------------
+    def required_weights(self) -> tuple[str, ...]:
+        """Catalog names of the pretrained weight files this configuration loads (default: its
+        ``backbone`` option, if any); checked before any job runs."""
+        backbone = (self.config.model if self.config is not None else {}).get("backbone")
+        return (backbone,) if backbone else ()
+
     # ----- training hooks ----------------------------------------------------------------
     def auxiliary_streams(self) -> tuple[AuxStream, ...]:
         """Auxiliary image streams this configuration trains with (default: none)."""

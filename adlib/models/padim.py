@@ -24,11 +24,12 @@ from adlib.models.registry import ModelSpec, TrainDefaults, register
 
 def random_channel_subset(total: int, count: int | None, seed: int) -> torch.Tensor:
     """Sorted indices of ``count`` of ``total`` channels, drawn with ``seed`` (all when ``count``
-    is ``None`` or not smaller than ``total``)."""
-    if count is None or count >= total:
+    is ``None`` or equals ``total``)."""
+    if count is None or count == total:
         return torch.arange(total)
-    if count < 1:
-        raise ValueError(f"n_features must be positive, got {count}")
+    if not 1 <= count <= total:
+        raise ValueError(f"n_features={count} is impossible: the chosen layers have {total} channels; use 1 to "
+                         f"{total}, or null for all of them")
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(total, generator=gen)[:count].sort().values
 

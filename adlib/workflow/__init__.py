@@ -15,8 +15,8 @@ from adlib.workflow.fingerprints import (EVAL_SHARED_MODULES, TRAIN_SHARED_MODUL
                                          model_fingerprint, source_files)
 from adlib.workflow.jobs import job_context, run_settings
 from adlib.workflow.paths import Paths
-from adlib.workflow.runs import Run, RunTable, build_run_table, resolve_categories
+from adlib.workflow.runs import Run, RunTable, build_run_table, load_workflow, resolve_categories
 
 __all__ = ["EVAL_SHARED_MODULES", "SYNTHETIC", "TRAIN_SHARED_MODULES", "ConfigError", "Paths", "Run", "RunTable",
-           "build_run_table", "evaluation_fingerprint", "job_context", "layout_options", "model_fingerprint",
+           "build_run_table", "evaluation_fingerprint", "load_workflow", "job_context", "layout_options", "model_fingerprint",
            "resolve_categories", "run_settings", "source_files", "validate_config"]

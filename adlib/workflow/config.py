@@ -17,9 +17,11 @@ SYNTHETIC = "synthetic"
 class ConfigError(ValueError):
     """The workflow configuration is invalid; the message lists every problem found."""
 
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid workflow configuration:\n  - " + "\n  - ".join(self.problems))
 
-# ----------------------------------------------------------------------------------------------
-# configuration
+
 def load_schema(schema: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The JSON schema as a dict (a mapping is returned as is, a path is read as YAML/JSON)."""
     if isinstance(schema, Mapping):
@@ -70,43 +72,73 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-def validate_config(config: Mapping[str, Any], schema: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+def validate_config(config: Mapping[str, Any], schema: str | os.PathLike | Mapping[str, Any], *,
+                    preflight: bool = False) -> dict[str, Any]:
     """Check ``config`` against the schema and the model registry; return a copy with defaults filled.
 
-    A model entry may be given as a bare name. Every problem is reported at once in a
-    :class:`ConfigError` naming the key and the allowed values.
+    A model entry may be given as a bare name. Every model's overrides are checked for type,
+    range and what the model itself refuses (layer names, sizes). With ``preflight`` the weight
+    files and auxiliary folders every model needs are looked up too. Every problem is reported
+    at once in a :class:`ConfigError` naming the key and what to do.
     """
+    cfg, problems = validated(config, schema)
+    if preflight and not problems:
+        problems = check_requirements(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validated(config: Mapping[str, Any], schema) -> tuple[dict[str, Any], list[str]]:
+    """The config with defaults filled, and every schema, model and data set problem."""
     cfg = copy.deepcopy(dict(config))
     if isinstance(cfg.get("models"), list):
         cfg["models"] = [{"name": m} if isinstance(m, str) else m for m in cfg["models"]]
     validator = _defaults_validator(load_schema(schema))
     problems = [_describe(e) for e in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.path)))]
-    if not problems:
-        problems = _check_models(cfg) + _check_datasets(cfg)
-    if problems:
-        raise ConfigError("invalid workflow configuration:\n  - " + "\n  - ".join(problems))
-    for model in cfg["models"]:
+    models = [m for m in cfg.get("models") or [] if isinstance(m, dict) and isinstance(m.get("name"), str)
+              and isinstance(m.get("overrides", {}), dict)]
+    datasets = [d for d in cfg.get("datasets") or [] if isinstance(d, dict) and isinstance(d.get("name"), str)
+                and d.get("layout") in _layouts() and isinstance(d.get("options", {}), dict)]
+    problems += _check_models(cfg, models) + _check_datasets(datasets)
+    for model in models:
         model.setdefault("label", model["name"])
-    return cfg
+    return cfg, problems
 
 
-def _check_models(cfg: dict[str, Any]) -> list[str]:
-    from adlib.models.registry import list_models, resolve_config
+def _layouts() -> list[str]:
+    from adlib.data import LAYOUTS
+
+    return list(LAYOUTS)
+
+
+def _check_models(cfg: dict[str, Any], models: list[dict]) -> list[str]:
+    from adlib.models.checks import check_config
+    from adlib.models.registry import canonical_name, list_models
 
     valid = list_models()
     problems, labels = [], {}
-    for i, model in enumerate(cfg["models"]):
+    global_size = cfg.get("img_size")
+    for i, model in enumerate(cfg.get("models") or []):
+        if model not in models:
+            continue
         name = model["name"]
-        if name not in valid:
+        if canonical_name(name) not in valid:
             close = difflib.get_close_matches(name, valid, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             problems.append(f"config key 'models[{i}].name': unknown model {name!r}{hint}; "
                             f"registered models: {', '.join(valid)}")
             continue
-        try:
-            resolve_config(name, **model["overrides"])
-        except (ValueError, TypeError) as err:
-            problems.append(f"config key 'models[{i}].overrides' ({name}): {err}")
+        overrides = dict(model.get("overrides") or {})
+        forced = isinstance(global_size, int) and "img_size" not in overrides
+        if forced:
+            overrides["img_size"] = global_size
+        for problem in check_config(name, overrides):
+            if forced and problem.key in ("img_size", None):
+                where = f"config key 'img_size' (forced on models[{i}], {name})"
+            else:
+                where = f"config key 'models[{i}].overrides{'.' + problem.key if problem.key else ''}' ({name})"
+            problems.append(f"{where}: {problem.message}")
         label = model.get("label", name)
         if label in labels:
             problems.append(f"config key 'models[{i}]': label {label!r} is used twice (models[{labels[label]}] "
@@ -115,9 +147,32 @@ def _check_models(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _check_datasets(cfg: dict[str, Any]) -> list[str]:
+def check_requirements(cfg: Mapping[str, Any]) -> list[str]:
+    """Weight files and auxiliary folders every model of a valid config needs, looked up now."""
+    from adlib.models.checks import missing_requirements
+
+    if not cfg.get("pretrained", True):
+        return []
+    problems = []
+    for i, model in enumerate(cfg["models"]):
+        overrides = dict(model["overrides"])
+        if cfg.get("img_size") is not None:
+            overrides.setdefault("img_size", cfg["img_size"])
+        for problem in missing_requirements(model["name"], overrides, backbone_dir=cfg["backbone_dir"],
+                                            data_root=cfg["data_root"]):
+            problems.append(f"models[{i}] ({model['label']}): {problem}")
+    return problems
+
+
+#: layout options that name folders inside the data set (never outside it)
+_FOLDER_OPTIONS = ("folder", "normal_dirs", "abnormal_dirs", "mask_dir", "normal_test_dirs")
+
+
+def _check_datasets(datasets: list[dict]) -> list[str]:
     problems, names = [], {}
-    for i, ds in enumerate(cfg["datasets"]):
+    for i, ds in enumerate(datasets):
+        ds.setdefault("options", {})
+        ds.setdefault("categories", "all")
         if ds["name"] in names:
             problems.append(f"config key 'datasets[{i}].name': data set name {ds['name']!r} is used twice")
         names.setdefault(ds["name"], i)
@@ -137,6 +192,12 @@ def _check_datasets(cfg: dict[str, Any]) -> list[str]:
             hint = "; the seed of the data is the top-level key 'data_seed'" if "seed" in unknown else ""
             problems.append(f"config key 'datasets[{i}].options': unknown option(s) {unknown} for layout "
                             f"{ds['layout']!r}; allowed options: {', '.join(allowed) or '(none)'}{hint}")
+        for key in _FOLDER_OPTIONS:
+            values = ds["options"].get(key)
+            for value in [values] if isinstance(values, str) else values or []:
+                if isinstance(value, str) and (os.path.isabs(value) or ".." in Path(value).parts):
+                    problems.append(f"config key 'datasets[{i}].options.{key}': {value!r} leaves the data set folder; "
+                                    "give a folder name relative to the data set (no '..', not absolute)")
     return problems
 
 

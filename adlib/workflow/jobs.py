@@ -54,4 +54,5 @@ def run_settings(config: Mapping[str, Any], seed: int | str):
 
     return Settings(data_root=config["data_root"], backbone_dir=config["backbone_dir"],
                     output_dir=config.get("results", "results"),
-                    seed=int(seed), num_workers=config["num_workers"], device=config["device"])
+                    seed=int(seed), num_workers=config["num_workers"], device=config["device"],
+                    threads=config.get("threads"))

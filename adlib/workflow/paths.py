@@ -20,7 +20,9 @@ class Paths:
 
     @property
     def manifest(self) -> str:
-        return f"{self.root}/prepared/{{dataset}}/{{category}}/{{size}}/manifest.parquet"
+        """Prepared manifest; ``key`` hashes what decides it (layout, root, options, calibration
+        fraction, data seed), so two studies naming a data set alike never share one."""
+        return f"{self.root}/prepared/{{dataset}}/{{key}}/{{category}}/{{size}}/manifest.parquet"
 
     @property
     def cache(self) -> str:

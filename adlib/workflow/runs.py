@@ -139,7 +139,27 @@ class RunTable:
         return self._by_train[(dataset, category, model, int(seed))]
 
     def manifest_path(self, dataset: str, category: str, size: int) -> str:
-        return self.paths.manifest.format(dataset=dataset, category=category, size=size)
+        return self.paths.manifest.format(dataset=dataset, key=self.prepare_key(dataset), category=category, size=size)
+
+    @functools.lru_cache(maxsize=None)
+    def prepare_key(self, dataset: str) -> str:
+        """12 hex digits over everything that decides a data set's prepared manifests."""
+        import hashlib
+        import json
+        import os
+
+        cfg = self.prepare_config(dataset)
+        facts = {**cfg, "root": os.path.abspath(cfg["root"]), "calibration_fraction": self.calibration_fraction(),
+                 "data_seed": self.config["data_seed"]}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @functools.lru_cache(maxsize=None)
+    def data_fingerprint(self, dataset: str, category: str) -> str:
+        """Fingerprint of the category's files on disk (a prepare param: changed data reprepares)."""
+        from adlib.data.fingerprint import data_fingerprint
+
+        ds = self.datasets[dataset]
+        return data_fingerprint(ds["layout"], ds.get("root", ""), category)
 
     def manifest(self, dataset: str, category: str, model: str, seed: int | str) -> str:
         """The prepared manifest an evaluation reads."""
@@ -215,12 +235,36 @@ def _registered_size(name: str) -> int:
 
 def build_run_table(config: Mapping[str, Any]) -> RunTable:
     """All runs (dataset x category x model x seed) of a config returned by ``validate_config``."""
+    categories, problems = _categories(config)
+    if problems:
+        raise ConfigError(problems)
+    return RunTable(config, categories)
+
+
+def _categories(config: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
     problems, categories = [], {}
     for ds in config["datasets"]:
         try:
             categories[ds["name"]] = resolve_categories(ds)
         except ConfigError as err:
-            problems.append(str(err))
+            problems += err.problems
+    return categories, problems
+
+
+def load_workflow(config: Mapping[str, Any], schema) -> tuple[dict[str, Any], RunTable]:
+    """What the Snakefile needs: the validated config and its run table. Every problem (schema,
+    models and their overrides, data sets and their categories, missing weights and auxiliary
+    folders) is reported at once in one :class:`ConfigError`."""
+    from adlib.workflow.config import check_requirements, validated
+
+    cfg, problems = validated(config, schema)
     if problems:
-        raise ConfigError("invalid data sets:\n  - " + "\n  - ".join(problems))
-    return RunTable(config, categories)
+        if isinstance(cfg.get("datasets"), list) and all(isinstance(d, dict) and "layout" in d and "name" in d
+                                                          for d in cfg["datasets"]):
+            problems += _categories(cfg)[1]
+        raise ConfigError(problems)
+    categories, problems = _categories(cfg)
+    problems += check_requirements(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, RunTable(cfg, categories)
