@@ -103,3 +103,62 @@ def test_image_missing_from_manifest_cache(manifest, tmp_path):
     cache = ImageCache.build(manifest.iloc[:3], tmp_path / "cache", img_size=32)
     with pytest.raises(DataError, match="not in the image cache"):
         ImageDataset(manifest, img_size=32, cache=cache)[len(manifest) - 1]
+
+
+# ---------------------------------------------------------------------------------------------- damage
+def _one_shard(manifest, tmp_path):
+    widget = manifest[manifest.category == "widget"]
+    cache = ImageCache.build(widget, tmp_path / "cache", img_size=32)
+    return widget, cache.directories[0]
+
+
+def test_a_truncated_shard_is_rebuilt_with_a_warning(manifest, tmp_path):
+    from adlib.data import DataWarning
+
+    widget, shard = _one_shard(manifest, tmp_path)
+    images = shard / "images.npy"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    with pytest.warns(DataWarning, match="damaged"):
+        cache = ImageCache.build(widget, tmp_path / "cache", img_size=32)
+    assert cache.built == 1
+    fresh = ImageDataset(widget, 32)
+    np.testing.assert_array_equal(cache.get(fresh._paths[0])[0], (fresh[0]["image"].numpy() * 255).round()
+                                  .astype(np.uint8).transpose(1, 2, 0))
+
+
+def test_zeroed_pixels_in_a_shard_are_detected_and_rebuilt(manifest, tmp_path):
+    from adlib.data import DataWarning
+    from adlib.data import cache as cache_module
+
+    widget, shard = _one_shard(manifest, tmp_path)
+    data = np.load(shard / "images.npy", mmap_mode="r+")
+    data[1] = 0  # same size, silently wrong pixels
+    data.flush()
+    del data
+    cache_module._VERIFIED.clear()  # as in a new process
+    with pytest.warns(DataWarning, match="changed since it was written"):
+        cache = ImageCache.build(widget, tmp_path / "cache", img_size=32)
+    assert cache.built == 1 and cache.get(cache.shards[0].paths[1])[0].max() > 0
+
+
+def test_a_full_disk_while_caching_is_a_clear_error(manifest, tmp_path):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(DataError, match=r"not enough disk space for the image cache in .*disk.* MiB"):
+            ImageCache.build(manifest, disk / "cache", img_size=64)
+        assert not [p for p in disk.rglob("*") if p.is_file() and p.name != ".lock"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_bad_sizes_are_refused_before_any_folder_is_made(manifest, tmp_path):
+    with pytest.raises(DataError, match="img_size=-5"):
+        ImageCache.build(manifest, tmp_path / "cache", img_size=-5)
+    assert not (tmp_path / "cache").exists()

@@ -12,6 +12,11 @@ train-only subset), and a new one is built when a file changed or was added, or 
 image size. A shard is built in a temporary
 folder and renamed into place under a file lock: readers never see a half-written shard, and
 two processes racing build it once. Older shards of the same size are removed after a rebuild.
+
+A damaged shard is never trusted: key.json records each array file's size and CRC-32, checked
+when a process first uses the shard (sizes always, contents once per process, about 0.1 s per
+GB); a shard that fails is rebuilt with a warning. The space a shard needs is reserved before
+decoding starts, so a full disk is an ordinary error naming the folder and the space needed.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,10 +37,13 @@ from filelock import FileLock
 
 from adlib.data.files import check_name
 from adlib.data.images import load_sample
-from adlib.data.manifest import DataError, validate_manifest
+from adlib.data.manifest import DataError, DataWarning, validate_manifest
+from adlib.io import dir_mode, remove_stale_temporaries, temporary_name
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+#: shards whose contents this process has checked (directory -> key.json mtime)
+_VERIFIED: dict[str, int] = {}
 
 
 class CacheShard:
@@ -96,6 +105,9 @@ class ImageCache:
               center_crop: int | None = None, workers: int | None = None) -> "ImageCache":
         """Reuse the shards whose key matches the manifest's files; decode the others."""
         validate_manifest(manifest)
+        if int(img_size) < 1 or (center_crop is not None and not 0 < int(center_crop) <= int(img_size)):
+            raise DataError(f"cannot cache images at img_size={img_size}, center_crop={center_crop}: the size must be "
+                            "positive and the crop no larger than it")
         workers = workers or min(8, os.cpu_count() or 1)
         shards, built = [], 0
         for (dataset, category), group in manifest.groupby(["dataset", "category"], sort=True):
@@ -140,10 +152,12 @@ def _ensure_shard(group: pd.DataFrame, cache_root: Path, dataset: str, category:
         if reusable is not None:
             return reusable, False
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
+        remove_stale_builds(base)
+        tmp = temporary_name(base / "build")
+        tmp.mkdir(mode=dir_mode())
         try:
-            _decode_into(tmp, entries, img_size, center_crop, workers)
-            (tmp / "key.json").write_text(json.dumps(key), encoding="utf-8")
+            checksums = _decode_into(tmp, entries, img_size, center_crop, workers)
+            (tmp / "key.json").write_text(json.dumps({**key, "checksums": checksums}), encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)  # an unreadable shard of the same name
             os.rename(tmp, final)
         finally:
@@ -169,18 +183,80 @@ def _reusable(base: Path, key: dict) -> CacheShard | None:
         except (OSError, ValueError):
             continue  # not a shard, or one still being built
         files = [tuple(row) for row in stored.pop("files")]
+        checksums = stored.pop("checksums", None)
         if stored == {k: v for k, v in key.items() if k != "files"} and wanted <= set(files):
-            return CacheShard(directory, [row[0] for row in files])
+            if _intact(directory, checksums):
+                return CacheShard(directory, [row[0] for row in files])
+            shutil.rmtree(directory, ignore_errors=True)
     return None
 
 
+def _intact(directory: Path, checksums: dict | None) -> bool:
+    """Sizes (always) and CRC-32s (once per process) of a shard's arrays match key.json."""
+    if not checksums:
+        return False
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            warnings.warn(f"image cache shard {directory} is damaged ({name}: "
+                          f"{path.stat().st_size if path.is_file() else 'missing'} bytes, expected "
+                          f"{expected['bytes']}); rebuilding it", DataWarning, stacklevel=4)
+            return False
+    stamp = (directory / "key.json").stat().st_mtime_ns
+    if _VERIFIED.get(str(directory)) == stamp:
+        return True
+    for name, expected in checksums.items():
+        if _crc32(directory / name) != expected["crc32"]:
+            warnings.warn(f"image cache shard {directory} is damaged ({name} changed since it was written); "
+                          "rebuilding it", DataWarning, stacklevel=4)
+            return False
+    _VERIFIED[str(directory)] = stamp
+    return True
+
+
+def _crc32(path: Path, chunk: int = 16 << 20) -> int:
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def remove_stale_builds(base: Path) -> None:
+    """Temporaries of builds whose process died (called under the shard lock)."""
+    remove_stale_temporaries(base)
+    for old in base.glob(".build-*"):  # the naming of earlier versions
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _reserve(path: Path, directory: Path, needed: int) -> None:
+    """Allocate every block of a memory-mapped file now: a full disk is then an OSError here,
+    not a SIGBUS when a page is first written."""
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+    except OSError as err:
+        raise DataError(f"not enough disk space for the image cache in {directory.parent} ({err.strerror}): it "
+                        f"needs {needed / 2**20:.0f} MiB; free some space or put the cache elsewhere (Settings "
+                        "cache_dir / ADLIB_CACHE_DIR; the workflow's results folder)") from None
+
+
 def _decode_into(directory: Path, entries: list[tuple[str, str]], img_size: int,
-                 center_crop: int | None, workers: int) -> None:
+                 center_crop: int | None, workers: int) -> dict:
+    """Decode every entry into images.npy / masks.npy; return their sizes and CRC-32s."""
     side = center_crop or img_size
+    needed = len(entries) * side * side * 4 + 256
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise DataError(f"not enough disk space for the image cache in {directory.parent}: it needs "
+                        f"{needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; free some space or put the "
+                        "cache elsewhere (Settings cache_dir / ADLIB_CACHE_DIR; the workflow's results folder)")
     images = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(entries), side, side, 3))
     masks = np.lib.format.open_memmap(directory / "masks.npy", mode="w+", dtype=np.uint8,
                                       shape=(len(entries), side, side))
+    for name in ("images.npy", "masks.npy"):
+        _reserve(directory / name, directory, needed)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         samples = pool.map(lambda entry: load_sample(entry[0], entry[1], img_size, center_crop), entries)
         for row, (image, mask) in enumerate(samples):
@@ -189,3 +265,5 @@ def _decode_into(directory: Path, entries: list[tuple[str, str]], img_size: int,
     images.flush()
     masks.flush()
     del images, masks
+    return {name: {"bytes": (directory / name).stat().st_size, "crc32": _crc32(directory / name)}
+            for name in ("images.npy", "masks.npy")}
