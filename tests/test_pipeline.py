@@ -120,5 +120,7 @@ def test_cli_train_then_evaluate(data_root, tmp_path, capsys):
 
 
 def test_unknown_dataset_names_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="looked for"):
+    from adlib.data import DataError
+
+    with pytest.raises(DataError, match="assumed layout 'mvtec' and looked for"):
         train("mvtec", "widget", "padim", settings=_settings(tmp_path, tmp_path), pretrained=False)

@@ -69,6 +69,12 @@ def test_ranks_and_summary(grid):
     assert summary.n_runs.iloc[0] == 8 and summary.n_categories.iloc[0] == 4
 
 
+def test_same_named_categories_of_two_data_sets_count_twice(tmp_path):
+    runs = [make_run(tmp_path, dataset, "bottle", "good", 0) for dataset in ("mvtec", "mine")]
+    summary = summarize_models(build_leaderboard(runs))
+    assert summary.n_categories.iloc[0] == 2
+
+
 def test_ranks_share_ties_and_skip_missing_metrics():
     board = pd.DataFrame({"dataset": "d", "category": "c", "model": ["x", "y", "z"], "seed": 0,
                           "image_auroc": [0.9, 0.9, np.nan]})

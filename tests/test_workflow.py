@@ -98,6 +98,27 @@ def test_duplicate_labels_names_and_dataset_rules():
     assert "data_seed" in _error(_config(datasets=[{**ds, "options": {"seed": 3}}]))
 
 
+def test_every_problem_is_reported_at_once_before_any_job(tmp_path):
+    config = _config(models=[{"name": MODELS[0], "overrides": {"num_epochs": "abc", "img_size": -8}},
+                             {"name": "padim", "overrides": {"backbone": "resnet18x"}},
+                             {"name": "padim", "label": "p2", "overrides": {"n_features": 100000}}],
+                     datasets=[{"name": "f", "layout": "folder", "root": str(tmp_path),
+                                "options": {"normal_dirs": "../../etc"}}], ensemble={"top_k": 9})
+    text = _error(config)
+    for expected in ("ensemble.top_k", "models[0].overrides.num_epochs' ", "'abc' is not an integer",
+                     "models[0].overrides.img_size", "unknown backbone 'resnet18x'", "n_features=100000 is impossible",
+                     "datasets[0].options.normal_dirs': '../../etc' leaves the data set folder"):
+        assert expected in text, expected
+
+
+def test_missing_weights_are_found_by_the_dry_run_with_what_is_available(tmp_path):
+    text = str(pytest.raises(wf.ConfigError, wf.load_workflow, _config(models=["padim"], backbone_dir=str(tmp_path)),
+                             SCHEMA).value)
+    assert "models[0] (padim): no weights for 'resnet18'" in text and "tf_efficientnet_lite0" in text
+    assert "overrides: {backbone: tf_efficientnet_lite0}" in text
+    wf.load_workflow(_config(models=["padim"], pretrained=False), SCHEMA)  # random weights need no files
+
+
 def test_categories_on_disk(tmp_path):
     from adlib.data.synthetic import make_dataset
 

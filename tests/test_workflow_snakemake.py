@@ -187,17 +187,26 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
     assert "Nothing to be done" in check(sm(config, "-n"))
     lb_mtime = (work / "results/aggregate/leaderboard.csv").stat().st_mtime
 
-    # a failing run keeps the completed runs and aggregates; the next call does only the missing work
+    # a bad override stops the dry run itself, before any job
+    bad = disk_config()
+    bad["models"].append({"name": "patchcore", "overrides": {"backbone": "no_such_backbone"}})
+    result = sm(bad, "-n")
+    assert result.returncode != 0 and "unknown backbone 'no_such_backbone'" in result.stdout
+    assert "Traceback" not in result.stdout
+
+    # a run failing at run time (a NaN loss) keeps the completed runs and aggregates; the next call
+    # does only the missing work
+    unstable = {"backbone": "tf_efficientnet_lite0", "max_steps": 2, "batch_size": 2}
     broken = disk_config()
-    broken["models"].append({"name": "patchcore", "overrides": {"backbone": "no_such_backbone"}})
+    broken["models"].append({"name": "stfpm", "overrides": {**unstable, "lr": 1.0e30}})
     result = sm(broken)
     assert result.returncode != 0 and "Error in rule train" in result.stdout
     assert (work / "results/aggregate/leaderboard.csv").stat().st_mtime == lb_mtime
     assert (run / "metrics.json").is_file()
     fixed = disk_config()
-    fixed["models"].append({"name": "patchcore", "overrides": {"backbone": "tf_efficientnet_lite0"}})
+    fixed["models"].append({"name": "stfpm", "overrides": unstable})
     jobs = planned(check(sm(fixed, "-n")))
-    assert run_jobs(jobs) == {("train", "widget", "patchcore"), ("evaluate", "widget", "patchcore")}
+    assert run_jobs(jobs) == {("train", "widget", "stfpm"), ("evaluate", "widget", "stfpm")}
 
     # Snakemake's own HTML report
     check(sm(config, "--report", str(work / "report.html")))

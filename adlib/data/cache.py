@@ -130,7 +130,7 @@ def _stat(path: str) -> tuple[int, int]:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise DataError(f"{path} is listed in the manifest but does not exist; re-index the data set") from None
+        raise DataError(f"{path} is listed in the manifest but does not exist; index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
     return info.st_size, info.st_mtime_ns
 
 

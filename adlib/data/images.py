@@ -66,12 +66,12 @@ def read_image(path: str) -> Image.Image:
             image.load()
             return to_rgb8(image, path)
     except FileNotFoundError:
-        raise DataError(f"image {path} does not exist (any more); re-index the data set") from None
+        raise DataError(f"image {path} does not exist (any more); index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}. The file is corrupt or truncated: replace "
-                        "it with a good copy, or delete it and re-index the data set") from None
+                        "it with a good copy, or delete it and index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
 
 
 def read_mask(path: str, size: tuple[int, int]) -> Image.Image:
@@ -87,7 +87,7 @@ def read_mask(path: str, size: tuple[int, int]) -> Image.Image:
             else:  # colour masks: a pixel is a defect when any colour channel is non-zero
                 values = np.asarray(mask.convert("RGB")).max(axis=-1)
     except FileNotFoundError:
-        raise DataError(f"mask {path} does not exist (any more); re-index the data set") from None
+        raise DataError(f"mask {path} does not exist (any more); index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode mask {path}: {exc}. Replace it with a good copy") from None
     binary = Image.fromarray(((values > 0) * 255).astype(np.uint8))

@@ -58,9 +58,8 @@ def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build
         hint = train_hints.get(key) if key in config.train else hints.get(key)
         if hint is not None and not _matches(value, hint):
             problems.append(Problem(key, f"{value!r} is not {_describe(hint)}" + _yaml_hint(value)))
-    if problems:
-        return problems
-    problems += [Problem(key, message) for key, message in _train_ranges(config.train)]
+    bad = {p.key for p in problems}
+    problems += [Problem(key, message) for key, message in _train_ranges(config.train) if key not in bad]
     if problems or not build:
         return problems
     side = int(config.train.get("center_crop") or config.train["img_size"])
@@ -167,7 +166,7 @@ def _train_ranges(train: Mapping[str, Any]) -> list[tuple[str, str]]:
     out = []
     for key, (low, high) in _TRAIN_RANGES.items():
         value = train.get(key)
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         too_low = low is not None and (value <= low if key in _EXCLUSIVE_LOW else value < low)
         too_high = high is not None and (value >= high if key in _EXCLUSIVE_HIGH else value > high)
@@ -178,7 +177,7 @@ def _train_ranges(train: Mapping[str, Any]) -> list[tuple[str, str]]:
     if train.get("num_epochs") is None and train.get("max_steps") is None:
         out.append(("num_epochs", "num_epochs and max_steps are both null: give a training budget"))
     crop, size = train.get("center_crop"), train.get("img_size")
-    if crop is not None and size is not None and crop > size:
+    if isinstance(crop, int) and isinstance(size, int) and crop > size:
         out.append(("center_crop", f"{crop} is larger than img_size={size}: the crop is cut from the resized image"))
     return out
 

@@ -9,8 +9,12 @@ import pandas as pd
 
 from adlib.reporting.leaderboard import write_table
 
-#: (leaderboard column, axis label) of the two cost axes
-COST_AXES = (("inference_ms_batch", "inference ms / image (batched)"), ("fit_seconds", "fit time (s)"))
+#: (leaderboard column, axis label, (low, high) spread columns) of the two cost axes
+COST_AXES = (("inference_ms_batch", "inference ms / image (batched; median, bars: 25-75 %)",
+              ("inference_ms_batch_p25", "inference_ms_batch_p75")),
+             ("fit_seconds", "fit time (s; median over runs, bars: min-max)", ("fit_seconds_min", "fit_seconds_max")))
+_SPREAD_COLUMNS = ("inference_ms_batch_p25", "inference_ms_batch_p75", "inference_ms_b1_p25", "inference_ms_b1_p75",
+                   "timing_load_1min")
 
 
 def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -32,16 +36,24 @@ def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 def cost_table(leaderboard: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
     """Per model: mean ``metric``, mean costs and whether it is on each Pareto front."""
-    groups = leaderboard.groupby("model", sort=True)
+    board = leaderboard.assign(**{c: leaderboard.get(c, np.nan) for c in _SPREAD_COLUMNS})
+    groups = board.groupby("model", sort=True)
     table = pd.DataFrame({
         metric: groups[metric].mean(),
-        "inference_ms_batch": groups["inference_ms_batch"].mean(),
-        "inference_ms_b1": groups["inference_ms_b1"].mean(),
-        "fit_seconds": groups["fit_seconds"].mean(),
+        "inference_ms_batch": groups["inference_ms_batch"].median(),
+        "inference_ms_batch_p25": groups["inference_ms_batch_p25"].median(),
+        "inference_ms_batch_p75": groups["inference_ms_batch_p75"].median(),
+        "inference_ms_b1": groups["inference_ms_b1"].median(),
+        "inference_ms_b1_p25": groups["inference_ms_b1_p25"].median(),
+        "inference_ms_b1_p75": groups["inference_ms_b1_p75"].median(),
+        "fit_seconds": groups["fit_seconds"].median(),
+        "fit_seconds_min": groups["fit_seconds"].min(),
+        "fit_seconds_max": groups["fit_seconds"].max(),
         "peak_rss_mb": groups["peak_rss_mb"].max(),
+        "load_1min_max": groups["timing_load_1min"].max(),
         "n_runs": groups.size(),
     }).reset_index()
-    for column, _ in COST_AXES:
+    for column, _, _ in COST_AXES:
         table[f"pareto_{column}"] = pareto_front(table[column].to_numpy(), table[metric].to_numpy())
     return table
 
@@ -51,9 +63,12 @@ def plot_cost_view(table: pd.DataFrame, path: str | os.PathLike, metric: str = "
     from adlib.figures import new_figure, save_figure
 
     fig, axes = new_figure(11, 4.5, ncols=2)
-    for ax, (column, label) in zip(axes, COST_AXES):
+    for ax, (column, label, (low, high)) in zip(axes, COST_AXES):
         x, y = table[column].to_numpy(float), table[metric].to_numpy(float)
         front = table[f"pareto_{column}"].to_numpy(bool)
+        spread = np.vstack([x - table[low].to_numpy(float), table[high].to_numpy(float) - x])
+        ax.errorbar(x, y, xerr=np.where(np.isfinite(spread), np.clip(spread, 0, None), 0), fmt="none",
+                    ecolor="0.6", elinewidth=1, capsize=2, zorder=1)
         ax.scatter(x[~front], y[~front], color="tab:gray", label="dominated", zorder=2)
         ax.scatter(x[front], y[front], color="tab:red", label="Pareto front", zorder=3)
         order = np.argsort(x[front])
@@ -68,7 +83,9 @@ def plot_cost_view(table: pd.DataFrame, path: str | os.PathLike, metric: str = "
         ax.set_ylabel(f"{metric} (mean over runs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Cost view: {metric} against inference and fit cost (lower-right is worse, upper-left better)",
+    load = table["load_1min_max"].max()
+    conditions = f"; machine load up to {load:.1f} while timing" if np.isfinite(load) else ""
+    fig.suptitle(f"Cost view: {metric} against inference and fit cost (upper-left is better{conditions})",
                  fontsize=10)
     return save_figure(fig, path, dpi=120)
 

@@ -53,7 +53,13 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
     row.update({
         "fit_seconds": fit.get("fit_seconds"),
         "inference_ms_b1": metrics.get("inference_ms_b1"),
+        "inference_ms_b1_p25": metrics.get("inference_ms_b1_p25"),
+        "inference_ms_b1_p75": metrics.get("inference_ms_b1_p75"),
         "inference_ms_batch": metrics.get("inference_ms_batch"),
+        "inference_ms_batch_p25": metrics.get("inference_ms_batch_p25"),
+        "inference_ms_batch_p75": metrics.get("inference_ms_batch_p75"),
+        "timing_load_1min": (metrics.get("timing") or {}).get("load_1min"),
+        "timing_threads": (metrics.get("timing") or {}).get("torch_threads"),
         "peak_rss_mb": fit.get("peak_rss_mb"),
         "peak_cuda_mb": fit.get("peak_cuda_mb"),
         "num_parameters": fit.get("num_parameters"),
@@ -102,10 +108,12 @@ def summarize_models(leaderboard: pd.DataFrame, ranks: pd.DataFrame | None = Non
     """One row per model: mean and std over categories and seeds, and its mean rank."""
     if ranks is None:
         ranks = category_ranks(leaderboard, metric)
+    leaderboard = leaderboard.assign(_dataset_category=leaderboard["dataset"].astype(str) + "/"
+                                     + leaderboard["category"].astype(str))  # same names in two data sets differ
     groups = leaderboard.groupby("model", sort=True)
     summary = groups.agg(model_name=("model_name", "first"), family=("family", "first"),
                          backbone=("backbone", "first"), n_runs=("seed", "size"),
-                         n_categories=("category", lambda c: c.nunique()),
+                         n_categories=("_dataset_category", "nunique"),
                          num_parameters=("num_parameters", "first"))
     for column in SUMMARY_COLUMNS:
         summary[f"{column}_mean"] = groups[column].mean()

@@ -14,7 +14,7 @@ from adlib.io import (check_writable, dir_mode, publish_staged, read_json, remov
 from adlib.run.device import job_device
 from adlib.run.loaders import image_loader, split_of
 from adlib.run.pictures import write_pictures
-from adlib.run.scoring import latency_ms_batch1, score_images
+from adlib.run.scoring import latency_ms_batch1, score_images, timing_conditions
 from adlib.settings import Settings
 
 SCORE_COLUMNS = ["image_path", "category", "defect_type", "label", "split"]
@@ -60,17 +60,23 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     calib_df = split_of(manifest, "calibration")
     if calibration == "calibration":
         if calib_df.empty:
-            raise DataError(f"calibration='calibration' but manifest {manifest_path} has no calibration split; "
-                            "prepare the data with a calibration_fraction > 0")
+            raise DataError(f"calibration='calibration' but manifest {manifest_path} has no calibration split: it was "
+                            "prepared with calibration_fraction 0, or its test split is too small to hold one out (each "
+                            "class needs at least 2 test images). Prepare it with a calibration_fraction > 0, or "
+                            "use calibration='test'")
         calib = score_images(model, image_loader(calib_df, tcfg, cache_root, settings, shuffle=False),
                              device, with_pixels=False, progress=progress)
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
 
     labels = test_df["label"].to_numpy()
     metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
-    metrics.update({"inference_ms_b1": latency_ms_batch1(model, loader.dataset, device),
-                    "inference_ms_batch": test.ms_per_image, "batch_size": int(tcfg["batch_size"]),
-                    "device": str(device), "produces_maps": bool(model.produces_maps)})
+    latency = latency_ms_batch1(model, loader.dataset, device)
+    metrics.update({"inference_ms_b1": latency["median"], "inference_ms_b1_p25": latency["p25"],
+                    "inference_ms_b1_p75": latency["p75"], "inference_ms_batch": test.ms_per_image,
+                    "inference_ms_batch_p25": test.ms_per_image_spread[0],
+                    "inference_ms_batch_p75": test.ms_per_image_spread[1], "batch_size": int(tcfg["batch_size"]),
+                    "timing": timing_conditions(), "device": str(device),
+                    "produces_maps": bool(model.produces_maps)})
     if not model.produces_maps:
         metrics["notes"].append(f"produces_maps: {config['name']} scores whole images only (no anomaly maps)")
     if excluded:

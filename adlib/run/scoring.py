@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -12,8 +13,9 @@ from adlib.models.base import AnomalyModel
 
 #: anomaly maps are stored at most this large (per side) in maps.npz
 STORED_MAP_SIZE = 128
-#: images timed one by one for the batch-1 latency
+#: images timed one by one for the batch-1 latency, and how many timed passes over them
 LATENCY_IMAGES = 8
+LATENCY_PASSES = 5
 
 
 @dataclasses.dataclass
@@ -23,7 +25,8 @@ class ScoredImages:
     scores: np.ndarray
     maps: np.ndarray | None
     pixel_metrics: dict | None
-    ms_per_image: float
+    ms_per_image: float  # median over batches (the first, warm-up batch excluded when there are more)
+    ms_per_image_spread: tuple[float, float] = (float("nan"), float("nan"))  # 25th / 75th percentile
 
 
 def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, *, with_pixels: bool,
@@ -35,7 +38,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     from adlib.evaluation import PixelMetrics
 
     pixels = PixelMetrics() if with_pixels else None
-    scores, maps, model_seconds = [], [], 0.0
+    scores, maps, per_image_ms = [], [], []
     model.eval()
     with torch.no_grad():
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -44,7 +47,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
             out = model.predict(images)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            model_seconds += time.perf_counter() - start
+            per_image_ms.append(1000.0 * (time.perf_counter() - start) / len(images))
             scores.append(out.scores.float().cpu().numpy())
             if out.maps is not None:
                 amap = out.maps.float().cpu()
@@ -52,10 +55,10 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                     pixels.update(amap.numpy(), batch["mask"][:, 0].numpy() > 0.5)
                 if keep_maps:
                     maps.append(compact_maps(amap))
-    n = sum(len(s) for s in scores)
     pixel_metrics = pixels.compute() if pixels is not None else None
+    timed = np.asarray(per_image_ms[1:] if len(per_image_ms) > 1 else per_image_ms)
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
-                        1000.0 * model_seconds / max(n, 1))
+                        float(np.median(timed)), (float(np.percentile(timed, 25)), float(np.percentile(timed, 75))))
 
 
 def compact_maps(maps: torch.Tensor) -> np.ndarray:
@@ -68,15 +71,29 @@ def compact_maps(maps: torch.Tensor) -> np.ndarray:
     return maps.numpy().astype(np.float16)
 
 
-def latency_ms_batch1(model: AnomalyModel, dataset, device: torch.device, n: int = LATENCY_IMAGES) -> float:
-    """Mean milliseconds per image at batch size 1, over up to ``n`` images after one warm-up."""
+def latency_ms_batch1(model: AnomalyModel, dataset, device: torch.device, n: int = LATENCY_IMAGES,
+                      passes: int = LATENCY_PASSES) -> dict[str, float]:
+    """Milliseconds per image at batch size 1: the median of ``passes`` timed passes over up to
+    ``n`` images, after a warm-up pass, with the 25th/75th percentiles of single images."""
     n = min(n, len(dataset))
     images = [dataset[i]["image"][None].to(device) for i in range(n)]
+    times = []
     with torch.no_grad():
-        model.predict(images[0])
-        start = time.perf_counter()
-        for image in images:
+        for image in images:  # warm-up: allocator pools, kernel selection, caches
             model.predict(image)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return 1000.0 * (time.perf_counter() - start) / max(n, 1)
+        for _ in range(passes):
+            for image in images:
+                start = time.perf_counter()
+                model.predict(image)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(1000.0 * (time.perf_counter() - start))
+    return {"median": float(np.median(times)), "p25": float(np.percentile(times, 25)),
+            "p75": float(np.percentile(times, 75))}
+
+
+def timing_conditions() -> dict[str, float | int]:
+    """What a timing depends on besides the model: torch threads and the machine's load."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_1min": round(load[0], 2),
+            "load_5min": round(load[1], 2)}
