@@ -367,8 +367,12 @@ def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitRepo
         means = {key: float(np.mean(values)) for key, values in terms.items()}
         for key, value in means.items():
             report.loss_terms.setdefault(key, []).append(value)
+        log.info("epoch %d/%d (step %d/%d, phase %s): %s", epoch + 1, epochs, index, total, phase,
+                 ", ".join(f"{k} {v:.5g}" for k, v in means.items()) or "no batches")
         report.loss_history.append(means.get("loss", float(np.sum(list(means.values()))) if means else float("nan")))
         reason = _check_stop(model, report, stopper, epoch, validator, validate_every)
+        if report.val_history and validator is not None and len(report.val_history) == len(report.loss_history):
+            log.info("  validation %s: %.5g", validator.name, report.val_history[-1])
         if reason:
             report.stopped_early, report.stop_reason = True, reason
             log.info("early stopping after epoch %d: %s", epoch + 1, reason)

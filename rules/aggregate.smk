@@ -22,6 +22,12 @@ rule leaderboard:
             labels={"table": "per model"},
         ),
         ranks=P.aggregate("ranks.csv"),
+        defects=report(
+            P.aggregate("leaderboard_defects.csv"),
+            caption="../report/leaderboard.rst",
+            category="Leaderboard",
+            labels={"table": "per defect type"},
+        ),
     params:
         metric=CONFIG["report"]["rank_metric"],
     log:

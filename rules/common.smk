@@ -46,6 +46,7 @@ AGGREGATE_OUTPUTS = [
         "leaderboard.parquet",
         "summary_by_model.csv",
         "ranks.csv",
+        "leaderboard_defects.csv",
         "statistics.json",
         "cd_diagram.png",
         "bootstrap_ci.csv",

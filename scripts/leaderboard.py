@@ -7,4 +7,4 @@ from adlib.workflow import job_context
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 with job_context(sm.log[0]):
     write_leaderboard([Path(p).parent for p in sm.input.metrics], sm.output.csv, sm.output.parquet,
-                      sm.output.summary, sm.output.ranks, metric=sm.params.metric)
+                      sm.output.summary, sm.output.ranks, metric=sm.params.metric, defects_csv=sm.output.defects)

@@ -43,7 +43,7 @@ def test_run_directory_has_every_artifact(padim_run):
                  "histogram_mvtec_widget_padim_scores.png", "curves_mvtec_widget_padim_roc_pr.png"):
         assert (run / name).is_file(), name
     overlays = sorted(p.name for p in (run / "overlays").glob("*.png"))
-    assert any("_normal_" in n for n in overlays) and any("_anomalous_" in n for n in overlays)
+    assert any("_normal_" in n for n in overlays) and any("_defect-" in n for n in overlays)
     assert not list(run.rglob(".*.tmp*")), "temporary files left behind"
 
     scores = pd.read_parquet(run / "scores.parquet")

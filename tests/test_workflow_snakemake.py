@@ -134,7 +134,10 @@ def test_run_then_rerun_only_what_is_stale(tmp_path):
     assert board.pixel_auroc.notna().tolist() == [m == MAPS_MODEL for m in board.model]
     run = work / "results/runs/syn/widget" / MAPS_MODEL / "0"
     assert (run / "maps.npz").is_file() and any((run / "overlays").iterdir())
-    assert (work / "results/logs/train/syn/widget" / MAPS_MODEL / "0.log").is_file()
+    train_log = (work / "results/logs/train/syn/widget" / MAPS_MODEL / "0.log").read_text()
+    for expected in ("resolved configuration", "weights: tf_efficientnet_lite0", "fit done in", "peak RSS"):
+        assert expected in train_log, expected
+    assert "evaluated" in (work / "results/logs/evaluate/syn/widget" / MAPS_MODEL / "0.log").read_text()
     assert (work / "results/benchmarks/train/syn/widget" / MAPS_MODEL / "0.tsv").is_file()
     assert "Recommended" in (work / "results/report/index.html").read_text()
     lb_mtime = (work / "results/aggregate/leaderboard.csv").stat().st_mtime

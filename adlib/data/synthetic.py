@@ -10,6 +10,9 @@ Defective images carry one of four defects, with an exact mask (the pixels the d
 * ``missing``: a bite out of the part's edge (background shows through);
 * ``stain``: an irregular colour tint.
 
+``defect_strength`` (1 by default) scales how far a defect departs from the normal look and its
+size: 0.3 gives faint, small defects that separate detectors (the workflow's built-in default).
+
 ``make_dataset`` writes the MVTec, VisA, BTAD or custom layout; ``make_textures`` and
 ``make_imagenet_like`` write tiny DTD- and Imagenette-layout folders. Same arguments, same bytes.
 """
@@ -66,26 +69,28 @@ class _Product:
 
 
 def _defect(kind: str, image: np.ndarray, background: np.ndarray, part: np.ndarray,
-            rng: np.random.Generator) -> np.ndarray:
-    """Draw one defect into ``image`` (in place); return its exact boolean mask."""
+            rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Draw one defect into ``image`` (in place) with opacity and size scaled by ``strength``;
+    return its exact boolean mask."""
     size = image.shape[0]
+    scale = 0.5 + 0.5 * strength  # sizes shrink to half at strength 0
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     cx, cy = rng.uniform(0.3, 0.7, 2) * size
     if kind == "scratch":
-        angle, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.45) * size
+        angle, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.45) * size * scale
         ex, ey = np.cos(angle), np.sin(angle)
         along = np.clip((x - cx) * ex + (y - cy) * ey, -length / 2, length / 2)
         dist = np.hypot(x - cx - along * ex, y - cy - along * ey)
         mask = dist < max(0.75, rng.uniform(0.008, 0.018) * size)
         colour = np.full(3, 0.08 if image[mask].mean() > 0.45 else 0.95)  # contrast with what it crosses
-        image[mask] = 0.85 * colour + 0.15 * image[mask]
+        image[mask] = 0.85 * strength * colour + (1 - 0.85 * strength) * image[mask]
     elif kind == "missing":
         ys, xs = np.nonzero(part)
         edge = np.argmax(np.hypot(xs - size / 2, ys - size / 2) * (1 + 0.01 * rng.random(xs.size)))
-        mask = part & (np.hypot(x - xs[edge], y - ys[edge]) < rng.uniform(0.12, 0.18) * size)
-        image[mask] = background[mask]
+        mask = part & (np.hypot(x - xs[edge], y - ys[edge]) < rng.uniform(0.12, 0.18) * size * scale)
+        image[mask] = strength * background[mask] + (1 - strength) * image[mask]
     else:  # blob or stain: an irregular ellipse
-        a, b = rng.uniform(0.06, 0.11, 2) * size
+        a, b = rng.uniform(0.06, 0.11, 2) * size * scale
         theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
         xr = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
         yr = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
@@ -94,14 +99,15 @@ def _defect(kind: str, image: np.ndarray, background: np.ndarray, part: np.ndarr
         if kind == "blob":
             dark = image[mask].mean() > 0.4  # dark spot on light parts, pale deposit on dark ones
             colour = np.array([0.15, 0.12, 0.08]) if dark else np.array([0.75, 0.72, 0.62])
-            image[mask] = 0.35 * image[mask] + 0.65 * colour
+            image[mask] = (1 - 0.65 * strength) * image[mask] + 0.65 * strength * colour
         else:
             tint = np.array([0.85, 0.45, 0.1]) if rng.random() < 0.5 else np.array([0.2, 0.45, 0.85])
-            image[mask] = 0.45 * image[mask] + 0.55 * tint
+            image[mask] = (1 - 0.55 * strength) * image[mask] + 0.55 * strength * tint
     return mask
 
 
-def sample(category: str, kind: str, index: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sample(category: str, kind: str, index: int, size: int = 64, seed: int = 0,
+           defect_strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One image (``S x S x 3`` uint8) and mask (``S x S`` bool); ``kind`` is "train", "good" or a defect."""
     product = _Product(category, seed)
     rng = np.random.default_rng([seed, zlib.crc32(category.encode()), zlib.crc32(kind.encode()), index])
@@ -109,7 +115,7 @@ def sample(category: str, kind: str, index: int, size: int = 64, seed: int = 0) 
     image, background, part = product.render(size, dx, dy)
     mask = np.zeros((size, size), dtype=bool)
     if kind in DEFECTS:
-        mask = _defect(kind, image, background, part, rng)
+        mask = _defect(kind, image, background, part, rng, defect_strength)
     image = image * rng.uniform(0.97, 1.03) + rng.normal(0, 0.015, image.shape)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
 
@@ -117,7 +123,7 @@ def sample(category: str, kind: str, index: int, size: int = 64, seed: int = 0) 
 # ----------------------------------------------------------------------------- layouts
 def make_dataset(layout: str, root: str | os.PathLike, *, categories: Iterable[str] = ("widget",),
                  n_train: int = 8, n_test_good: int = 4, n_test_bad: int = 4, size: int = 64,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, defect_strength: float = 1.0) -> Path:
     """Write a small data set in ``layout`` (mvtec, visa, btad, custom) under ``root``; return ``root``.
 
     Defective images cycle through :data:`DEFECTS`. The custom layout goes to
@@ -125,13 +131,15 @@ def make_dataset(layout: str, root: str | os.PathLike, *, categories: Iterable[s
     """
     if layout not in LAYOUT_NAMES:
         raise ValueError(f"unknown synthetic layout {layout!r}; choose one of {LAYOUT_NAMES}")
+    if not 0 < defect_strength <= 1:
+        raise ValueError(f"defect_strength must be in (0, 1], got {defect_strength}")
     root = Path(root)
     csv_rows = []
     for category in categories:
         normals = [sample(category, "train", i, size, seed)[0] for i in range(n_train)]
         goods = [sample(category, "good", i, size, seed)[0] for i in range(n_test_good)]
-        bads = [(DEFECTS[i % len(DEFECTS)], *sample(category, DEFECTS[i % len(DEFECTS)], i, size, seed))
-                for i in range(n_test_bad)]
+        bads = [(DEFECTS[i % len(DEFECTS)], *sample(category, DEFECTS[i % len(DEFECTS)], i, size, seed,
+                                                     defect_strength)) for i in range(n_test_bad)]
         if layout == "mvtec":
             _write_mvtec(root / category, normals, goods, bads)
         elif layout == "btad":
@@ -207,16 +215,19 @@ def list_categories(root: str | os.PathLike) -> list[str]:
 
 
 def index(root: str | os.PathLike, category: str, *, dataset: str | None = None, n_train: int = 8,
-          n_test_good: int = 4, n_test_bad: int = 4, size: int = 64, seed: int = 0) -> pd.DataFrame:
+          n_test_good: int = 4, n_test_bad: int = 4, size: int = 64, seed: int = 0,
+          defect_strength: float = 1.0) -> pd.DataFrame:
     """Generate (once) an MVTec-layout synthetic category under ``root`` and index it."""
     from adlib.data import mvtec
 
-    ensure_category(root, category, n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad,
-                    size=size, seed=seed)
+    params = {"n_train": n_train, "n_test_good": n_test_good, "n_test_bad": n_test_bad, "size": size, "seed": seed}
+    if defect_strength != 1.0:  # categories generated before the option existed stay valid
+        params["defect_strength"] = defect_strength
+    ensure_category(root, category, **params)
     return mvtec.index(root, category, dataset=dataset or "synthetic")
 
 
-def ensure_category(root: str | os.PathLike, category: str, **params: int) -> Path:
+def ensure_category(root: str | os.PathLike, category: str, **params: float) -> Path:
     """``root/category`` generated with ``params``; (re)written atomically only when needed."""
     from filelock import FileLock
 

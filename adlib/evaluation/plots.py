@@ -100,14 +100,15 @@ def _display_image(image: Any) -> np.ndarray:
 
 
 def plot_overlay(image: Any, mask: Any, amap: Any, threshold: float | None, path: str | os.PathLike,
-                 title: str = "", vmin: float | None = None, vmax: float | None = None) -> Path:
-    """Four panels: image | ground truth | heat map over the image | thresholded map.
+                 title: str = "", vmin: float | None = None, vmax: float | None = None, caption: str = "",
+                 threshold_label: str | None = None) -> Path:
+    """Four panels: image | ground truth | heat map over the image | pixels above ``threshold``.
 
     ``mask`` may be ``None`` (no ground truth). ``amap`` may have a lower resolution than the
-    image (it is stretched over it). ``vmin``/``vmax`` fix the heat-map colour range, e.g. to the
-    test set's score range so overlays are comparable; by default each map uses its own range.
-    ``threshold=None`` leaves the last panel with a note. Drawn with Pillow
-    (:mod:`adlib.evaluation.overlay`).
+    image (it is stretched over it). ``vmin``/``vmax`` fix the heat-map colour range (one range
+    for every picture of a run makes them comparable); by default each map uses its own range.
+    ``threshold=None`` leaves the last panel with a note; ``threshold_label`` says what the
+    threshold is. Drawn with Pillow (:mod:`adlib.evaluation.overlay`).
     """
     from adlib.evaluation.overlay import render_overlay
 
@@ -116,4 +117,4 @@ def plot_overlay(image: Any, mask: Any, amap: Any, threshold: float | None, path
     if heat.ndim != 2:
         raise ValueError(f"anomaly map must be [H,W], got shape {heat.shape}")
     mask_array = None if mask is None else as_numpy(mask).squeeze()
-    return render_overlay(img, mask_array, heat, threshold, path, title, vmin, vmax)
+    return render_overlay(img, mask_array, heat, threshold, path, title, vmin, vmax, caption, threshold_label)

@@ -34,3 +34,22 @@ def build_metrics(labels: Any, scores: Any, pixel: PixelMetrics | Mapping[str, A
     out["transferred_thresholds"] = report["transferred_thresholds"]
     out["notes"] = notes + report["notes"]
     return out
+
+
+def metrics_by_defect_type(labels: Any, scores: Any, defect_types: Any,
+                           pixel_by_type: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per defect type: its image count, image AUROC/AUPR against all normal images, and (from
+    ``pixel_by_type``) its pixel AUROC/AUPRO. Industrial users choose models per defect kind."""
+    import numpy as np
+
+    labels, scores, types = np.asarray(labels), np.asarray(scores, dtype=float), np.asarray(defect_types, dtype=str)
+    normal = labels == 0
+    out = {}
+    for name in sorted(set(types[labels == 1])):
+        chosen = normal | (types == name)
+        image = image_metrics(labels[chosen], scores[chosen])
+        pixel = (pixel_by_type or {}).get(name, {})
+        out[name] = {"n": int((types == name).sum()), "image_auroc": image["image_auroc"],
+                     "image_aupr": image["image_aupr"], "pixel_auroc": pixel.get("pixel_auroc"),
+                     "pixel_aupro": pixel.get("pixel_aupro")}
+    return out

@@ -148,3 +148,14 @@ def threshold_report(test_labels: Any, test_scores: Any, calib_labels: Any = Non
         report["transferred_thresholds"] = _applied(fitted, y, s, "transferred_thresholds", notes)
     report["notes"] = notes
     return report
+
+
+def deployed_threshold(metrics: dict, methods: tuple[str, ...] = METHODS) -> tuple[str, str, float] | None:
+    """(method, "transferred" | "oracle", value) of the first of ``methods`` with a threshold in
+    a run's metrics: transferred from the calibration split when there is one, else oracle."""
+    for key, source in (("transferred_thresholds", "transferred"), ("thresholds", "oracle")):
+        for method in methods:
+            result = (metrics.get(key) or {}).get(method)
+            if result:
+                return method, source, float(result["threshold"])
+    return None

@@ -85,9 +85,10 @@ def _inline(text: str) -> str:
     return re.sub(r"(?<![\w*])_([^_]+)_(?![\w*])", r"<em>\1</em>", text)
 
 
-_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.85em;display:block;overflow-x:auto;max-width:100%}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4}"""
+_STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1600px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.8em;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:2px 5px;text-align:right}th{background:#eee;white-space:normal;max-width:7em}
+td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4}"""
 
 
 def html_page(title: str, body: str) -> str:

@@ -73,9 +73,32 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "validation": prov.get("validation"),
     })
     row.update({key: prov.get(key) for key in _PROVENANCE})
+    row["defect_image_auroc"] = "; ".join(f"{name}={_short(values.get('image_auroc'))}"
+                                          for name, values in (metrics.get("per_defect_type") or {}).items())
     row["notes"] = "; ".join(str(n) for n in metrics.get("notes") or [])
     row["run_dir"] = str(run_dir)
     return row
+
+
+def _short(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+DEFECT_METRICS = ("n", "image_auroc", "image_aupr", "pixel_auroc", "pixel_aupro")
+
+
+def defect_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per defect type of a run: its metrics against the run's normal test images."""
+    metrics = read_run_json(run_dir, "metrics.json")
+    return [{**run_identity(run_dir), "defect_type": name, **{k: values.get(k) for k in DEFECT_METRICS}}
+            for name, values in (metrics.get("per_defect_type") or {}).items()]
+
+
+def build_defect_table(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """The per-defect-type leaderboard: one row per run and defect type."""
+    rows = [row for d in run_dirs for row in defect_rows(d)]
+    frame = pd.DataFrame(rows, columns=[*RUN_KEYS, "defect_type", *DEFECT_METRICS])
+    return frame.sort_values([*RUN_KEYS, "defect_type"], kind="stable").reset_index(drop=True)
 
 
 def build_leaderboard(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -161,9 +184,13 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 def write_leaderboard(run_dirs: Iterable[str | os.PathLike], csv: str | os.PathLike, parquet: str | os.PathLike,
                       summary_csv: str | os.PathLike, ranks_csv: str | os.PathLike,
-                      metric: str = "image_auroc") -> pd.DataFrame:
-    """Build the leaderboard from run directories and write it with the per-model summary and ranks."""
+                      metric: str = "image_auroc", defects_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Build the leaderboard from run directories and write it with the per-model summary, ranks
+    and (``defects_csv``) the per-defect-type table."""
     _check_metric(metric)
+    run_dirs = list(run_dirs)
+    if defects_csv is not None:
+        write_table(build_defect_table(run_dirs), defects_csv)
     board = build_leaderboard(run_dirs)
     if board.empty:
         raise ValueError("no runs given: the leaderboard needs at least one finished run")

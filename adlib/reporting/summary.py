@@ -10,10 +10,11 @@ from adlib.io import read_json, write_text
 from adlib.reporting.html import (demote_headings, embed_png, fmt, html_page, markdown_table, markdown_to_html,
                                   markdown_to_html_embedded)
 
-#: per-model summary columns shown on the page
-SUMMARY_VIEW = ("model", "family", "backbone", "n_runs", "mean_rank", "image_auroc_mean", "image_auroc_std",
-                "pixel_auroc_mean", "pixel_aupro_mean", "fit_seconds_mean", "inference_ms_batch_mean",
-                "peak_rss_mb_mean")
+#: per-model summary columns shown on the page, with short headings (the page fits 1400 px)
+SUMMARY_VIEW = {"model": "model", "family": "family", "backbone": "backbone", "n_runs": "runs",
+                "mean_rank": "mean rank", "image_auroc_mean": "image AUROC", "image_auroc_std": "± std",
+                "pixel_auroc_mean": "pixel AUROC", "pixel_aupro_mean": "AUPRO", "fit_seconds_mean": "fit s",
+                "inference_ms_batch_mean": "ms / image", "peak_rss_mb_mean": "peak RSS MiB"}
 
 
 def _statistics_text(stats: dict) -> str:
@@ -38,18 +39,21 @@ def write_summary_report(out_html: str | os.PathLike, *, summary_csv: str | os.P
     (the pictures ``ensemble_md`` refers to are embedded from its folder)."""
     summary = pd.read_csv(summary_csv)
     stats = read_json(statistics_json)
-    columns = [c for c in SUMMARY_VIEW if c in summary.columns]
+    view = summary.rename(columns=SUMMARY_VIEW)
+    columns = [SUMMARY_VIEW[c] for c in SUMMARY_VIEW if c in summary.columns]
     metric = str(summary["rank_metric"].iloc[0]) if "rank_metric" in summary.columns and len(summary) else "image_auroc"
     head = ["# adlib benchmark summary", "",
             f"{int(summary['n_runs'].sum()) if len(summary) else 0} runs of {len(summary)} models; "
             f"ranks by `{metric}` (1 = best, averaged over categories). Full tables: "
             "`results/aggregate/leaderboard.csv` (one row per run) and `summary_by_model.csv`.", "",
-            "## Models", "", markdown_table(summary, columns, digits=4)]
+            "## Models", "", markdown_table(view, columns, digits=4)]
     best = summary.iloc[0] if len(summary) else None
     if best is not None:
         head += [f"Best mean rank: **{best['model']}** ({fmt(best.get('mean_rank'), 3)}).", ""]
-    body = [markdown_to_html("\n".join(head)),
-            markdown_to_html(_statistics_text(stats)), embed_png(cd_png, "critical-difference diagram"),
+    ranking = ([markdown_to_html(_statistics_text(stats)), embed_png(cd_png, "critical-difference diagram")]
+               if len(summary) > 1 else
+               [markdown_to_html("## Ranking statistics\n\nOne model only: nothing to rank or compare.")])
+    body = [markdown_to_html("\n".join(head)), *ranking,
             markdown_to_html("## Cost view"), embed_png(cost_png, "accuracy against cost"),
             markdown_to_html(demote_headings(Path(thresholds_md).read_text(encoding="utf-8"))),
             markdown_to_html_embedded(demote_headings(Path(ensemble_md).read_text(encoding="utf-8")),

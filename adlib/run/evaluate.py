@@ -1,6 +1,7 @@
 """Evaluate: score the test split with a trained run; write scores, maps, metrics, thresholds and pictures."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from adlib.run.scoring import latency_ms_batch1, score_images, timing_conditions
 from adlib.settings import Settings
 
 SCORE_COLUMNS = ["image_path", "category", "defect_type", "label", "split"]
+log = logging.getLogger(__name__)
 
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Settings, *,
@@ -36,6 +38,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     """
     from adlib.data import DataError, load_manifest
     from adlib.evaluation import build_metrics
+    from adlib.evaluation.summary import metrics_by_defect_type
 
     run_dir = Path(run_dir)
     model_dir = Path(model_dir) if model_dir is not None else run_dir
@@ -54,22 +57,28 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         raise DataError(f"manifest {manifest_path} has no test images to evaluate")
     tcfg = config["train"]
     loader = image_loader(test_df, tcfg, cache_root, settings, shuffle=False)
-    test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress)
+    test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress,
+                        defect_types=test_df["defect_type"].astype(str).tolist())
 
     calib_scores = calib_labels = None
+    reference = (None, "test normal images")  # normal maps the overlays' colour scale comes from
     calib_df = split_of(manifest, "calibration")
     if calibration == "calibration":
         if calib_df.empty:
-            raise DataError(f"calibration='calibration' but manifest {manifest_path} has no calibration split: it was "
-                            "prepared with calibration_fraction 0, or its test split is too small to hold one out (each "
-                            "class needs at least 2 test images). Prepare it with a calibration_fraction > 0, or "
-                            "use calibration='test'")
+            raise DataError(f"calibration='calibration' but manifest {manifest_path} has no calibration split: it "
+                            "was prepared with calibration_fraction 0, or its test split is too small to hold one out "
+                            "(each class needs at least 2 test images). Prepare it with a calibration_fraction > 0, "
+                            "or use calibration='test'")
         calib = score_images(model, image_loader(calib_df, tcfg, cache_root, settings, shuffle=False),
                              device, with_pixels=False, progress=progress)
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
+        if calib.maps is not None and (calib_labels == 0).any():
+            reference = (calib.maps[calib_labels == 0], "calibration normal images")
 
     labels = test_df["label"].to_numpy()
     metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
+    metrics["per_defect_type"] = metrics_by_defect_type(labels, test.scores, test_df["defect_type"],
+                                                        test.pixel_metrics_by_type)
     latency = latency_ms_batch1(model, loader.dataset, device)
     metrics.update({"inference_ms_b1": latency["median"], "inference_ms_b1_p25": latency["p25"],
                     "inference_ms_b1_p75": latency["p75"], "inference_ms_batch": test.ms_per_image,
@@ -97,6 +106,10 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         extra["score"] = calib_scores
         scores = pd.concat([scores, extra], ignore_index=True)
     title = title or f"{config['dataset']}_{test_df['category'].iloc[0]}_{config['name']}"
+    log.info("evaluated %d test images: image AUROC %s, pixel AUROC %s, AUPRO %s; %.2f ms/image (batch %d), "
+             "%.2f ms/image (batch 1)", len(test_df), metrics.get("image_auroc"), metrics.get("pixel_auroc"),
+             metrics.get("pixel_aupro"), metrics["inference_ms_batch"], metrics["batch_size"],
+             metrics["inference_ms_b1"])
     # everything is written aside, then moved in with metrics.json (the completion record) last:
     # a failure leaves the previous evaluation as it was
     stage = temporary_name(run_dir / "evaluation")
@@ -105,7 +118,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         artifacts.write_scores(stage / artifacts.SCORES, scores)
         if test.maps is not None:
             artifacts.write_maps(stage / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
-        write_pictures(stage, title, test_df, test, metrics, loader.dataset)
+        write_pictures(stage, title, test_df, test, metrics, loader.dataset, *reference)
         write_json(stage / artifacts.METRICS, metrics)
         publish_staged(stage, run_dir, last=artifacts.METRICS)
     finally:

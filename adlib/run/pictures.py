@@ -1,4 +1,12 @@
-"""The pictures and text of an evaluated run: the results text, histogram, curves, overlays."""
+"""The pictures and text of an evaluated run: the results text, histogram, curves and overlays.
+
+Overlays share one colour scale per run, taken from normal reference images (the calibration
+split's normals when there is one, else the test normals, and the caption says which), so a
+normal image looks cool and a defect hot (:func:`overlay_scale`). Their title gives the image-level decision with the
+threshold it used; the last panel marks pixels above a pixel threshold from the same normal
+images. Pictures show examples of every defect type, the worst false positives and false
+negatives, and typical normal images.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,16 +18,23 @@ import torch
 from adlib.io import write_text
 from adlib.run.scoring import ScoredImages
 
-#: test images drawn as overlay pictures, per class (normal / anomalous)
-OVERLAYS_PER_CLASS = 3
+#: per defect type: the most and least anomalous-looking examples
+PER_DEFECT_TYPE = 2
+#: worst false positives / false negatives drawn, and typical normal images
+WORST_ERRORS = 3
+TYPICAL_NORMALS = 2
+#: share of normal reference pixels below the overlay's pixel threshold
+PIXEL_QUANTILE = 0.995
 
 
 def write_pictures(run_dir: Path, title: str, test_df: pd.DataFrame, test: ScoredImages, metrics: dict,
-                   dataset) -> None:
+                   dataset, reference_maps: np.ndarray | None = None, reference: str = "test normal images") -> None:
     """The results text (the original specification's layout), the score histogram, ROC/PR
-    curves and a few overlays."""
+    curves and overlays (see the module docstring); ``reference_maps`` are the maps of the normal
+    reference images named by ``reference`` (default: the test normals)."""
     from adlib.evaluation import format_results_txt
     from adlib.evaluation.plots import plot_overlay, plot_roc_pr, plot_score_histogram
+    from adlib.evaluation.thresholds import deployed_threshold
 
     labels = test_df["label"].to_numpy()
     write_text(run_dir / f"results_{title}_thresholds.txt", format_results_txt(metrics, title))
@@ -28,14 +43,64 @@ def write_pictures(run_dir: Path, title: str, test_df: pd.DataFrame, test: Score
     plot_roc_pr(labels, test.scores, run_dir / f"curves_{title}_roc_pr.png", title)
     if test.maps is None:
         return
-    threshold = overlay_threshold(test.maps, labels)
-    for label in (0, 1):
-        for index in np.flatnonzero(labels == label)[:OVERLAYS_PER_CLASS]:
-            kind = "anomalous" if label else "normal"
-            image, amap, mask = overlay_inputs(dataset, int(index), test.maps[index])
-            plot_overlay(image, mask if label == 1 else None, amap, threshold,
-                         run_dir / "overlays" / f"image_{title}_{kind}_{picture_name(dataset, int(index))}",
-                         f"{title} {kind} score={test.scores[index]:.3g}")
+    if reference_maps is None or not len(reference_maps):
+        reference_maps, reference = test.maps[labels == 0], "test normal images"
+    if not len(reference_maps):
+        reference_maps, reference = test.maps, "all test images (no normal one)"
+    vmin, pixel_threshold, vmax = overlay_scale(reference_maps)
+    found = deployed_threshold(metrics)
+    decision = (f"{found[0]}, {found[1]}", found[2]) if found else None
+    caption = (f"colour scale and pixel threshold from {reference}; "
+               + (f"decision: score >= {decision[1]:.4g} ({decision[0]})" if decision else "no image threshold"))
+    label = f"pixels >= {PIXEL_QUANTILE:.1%} of normal pixels ({pixel_threshold:.3g})"
+    for index, kind in choose_overlays(test_df, test.scores, decision[1] if decision else None):
+        image, amap, mask = overlay_inputs(dataset, index, test.maps[index])
+        score = float(test.scores[index])
+        verdict = "" if decision is None else (" -> anomalous" if score >= decision[1] else " -> normal")
+        defect = str(test_df["defect_type"].iloc[index])
+        plot_overlay(image, mask if labels[index] == 1 else None, amap, pixel_threshold,
+                     run_dir / "overlays" / f"image_{title}_{kind}_{picture_name(dataset, index)}",
+                     f"{title} | {kind} | {defect} | score {score:.4g}{verdict}", vmin=vmin, vmax=vmax,
+                     caption=caption, threshold_label=label)
+
+
+def overlay_scale(reference_maps: np.ndarray) -> tuple[float, float, float]:
+    """(low end, pixel threshold, high end) of a run's overlay colour scale from its normal
+    reference maps: the scale runs from their 1st percentile to twice the distance to the pixel
+    threshold (their 99.5th percentile), which sits in the middle (green): normal pixels stay
+    blue to green, anything beyond normal turns yellow to red."""
+    values = reference_maps.astype(np.float32).ravel()
+    low, threshold = float(np.quantile(values, 0.01)), float(np.quantile(values, PIXEL_QUANTILE))
+    return low, threshold, low + 2.0 * max(threshold - low, 1e-12)
+
+
+def choose_overlays(test_df: pd.DataFrame, scores: np.ndarray, threshold: float | None) -> list[tuple[int, str]]:
+    """(row, kind) of the test images worth drawing: per defect type its most and least
+    anomalous-looking images, the worst false positives and false negatives at ``threshold``,
+    and typical normal images; each image once."""
+    labels = test_df["label"].to_numpy()
+    types = test_df["defect_type"].astype(str).to_numpy()
+    picks: dict[int, str] = {}
+
+    def add(rows, kind):
+        for row in rows:
+            picks.setdefault(int(row), kind)
+
+    for defect in sorted(set(types[labels == 1])):
+        rows = np.flatnonzero((labels == 1) & (types == defect))
+        ordered = rows[np.argsort(-scores[rows], kind="stable")]
+        add([ordered[0], ordered[-1]][:PER_DEFECT_TYPE] if len(ordered) > 1 else ordered, f"defect-{defect}")
+    normals = np.flatnonzero(labels == 0)
+    if threshold is not None:
+        false_pos = normals[scores[normals] >= threshold]
+        add(false_pos[np.argsort(-scores[false_pos], kind="stable")][:WORST_ERRORS], "false-positive")
+        anomalous = np.flatnonzero(labels == 1)
+        false_neg = anomalous[scores[anomalous] < threshold]
+        add(false_neg[np.argsort(scores[false_neg], kind="stable")][:WORST_ERRORS], "false-negative")
+    if len(normals):
+        middle = normals[np.argsort(scores[normals], kind="stable")]
+        add(middle[len(middle) // 2: len(middle) // 2 + TYPICAL_NORMALS], "normal")
+    return sorted(picks.items())
 
 
 def overlay_inputs(dataset, index: int, compact_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,10 +116,3 @@ def picture_name(dataset, index: int) -> str:
     """Unique, readable picture name: index, defect folder and file stem."""
     path = Path(dataset.manifest["image_path"].iloc[index])
     return f"{index:04d}_{path.parent.name}_{path.stem}.png"
-
-
-def overlay_threshold(maps: np.ndarray, labels: np.ndarray) -> float:
-    """Pixel threshold for the overlay's binary panel: 99th percentile of normal images' map values."""
-    normal = maps[labels == 0]
-    values = (normal if len(normal) else maps).astype(np.float32).ravel()
-    return float(np.quantile(values, 0.99))

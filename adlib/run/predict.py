@@ -35,12 +35,13 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
 
 def decision_threshold(metrics: dict, method: str) -> float:
     """A run's threshold for ``method``: transferred (calibration) when available, else oracle."""
-    for key in ("transferred_thresholds", "thresholds"):
-        result = (metrics.get(key) or {}).get(method)
-        if result:
-            return float(result["threshold"])
-    raise ValueError(f"the run has no usable {method!r} threshold (see its metrics.json notes); "
-                     "choose another --threshold-method, e.g. percentile_95")
+    from adlib.evaluation.thresholds import deployed_threshold
+
+    found = deployed_threshold(metrics, (method,))
+    if found is None:
+        raise ValueError(f"the run has no usable {method!r} threshold (see its metrics.json notes); "
+                         "choose another --threshold-method, e.g. percentile_95")
+    return found[2]
 
 
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,

@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from adlib.data.manifest import NORMAL
 from adlib.models.base import AnomalyModel
 
 #: anomaly maps are stored at most this large (per side) in maps.npz
@@ -25,19 +27,27 @@ class ScoredImages:
     scores: np.ndarray
     maps: np.ndarray | None
     pixel_metrics: dict | None
+    pixel_metrics_by_type: dict[str, dict]
     ms_per_image: float  # median over batches (the first, warm-up batch excluded when there are more)
     ms_per_image_spread: tuple[float, float] = (float("nan"), float("nan"))  # 25th / 75th percentile
 
 
 def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, *, with_pixels: bool,
-                 keep_maps: bool = True, progress: bool = True) -> ScoredImages:
+                 keep_maps: bool = True, progress: bool = True, defect_types: Sequence[str] | None = None
+                 ) -> ScoredImages:
     """Predict every image of ``loader``; stream pixel metrics (against the loader's masks) so
-    memory stays bounded; keep compact maps (see :func:`compact_maps`) when ``keep_maps``."""
+    memory stays bounded; keep compact maps (see :func:`compact_maps`) when ``keep_maps``.
+
+    With ``defect_types`` (one per data set row, ``"good"`` for normals) pixel metrics are also
+    streamed per defect type: that type's images against all normal images.
+    """
     from tqdm.auto import tqdm
 
     from adlib.evaluation import PixelMetrics
 
     pixels = PixelMetrics() if with_pixels else None
+    types = list(defect_types) if defect_types is not None and with_pixels else None
+    by_type = {t: PixelMetrics() for t in sorted(set(types or [])) if t != NORMAL}
     scores, maps, per_image_ms = [], [], []
     model.eval()
     with torch.no_grad():
@@ -52,13 +62,26 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
             if out.maps is not None:
                 amap = out.maps.float().cpu()
                 if pixels is not None:
-                    pixels.update(amap.numpy(), batch["mask"][:, 0].numpy() > 0.5)
+                    masks = batch["mask"][:, 0].numpy() > 0.5
+                    pixels.update(amap.numpy(), masks)
+                    if types is not None:
+                        _update_by_type(by_type, [types[int(i)] for i in batch["index"]], amap.numpy(), masks)
                 if keep_maps:
                     maps.append(compact_maps(amap))
     pixel_metrics = pixels.compute() if pixels is not None else None
     timed = np.asarray(per_image_ms[1:] if len(per_image_ms) > 1 else per_image_ms)
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
+                        {t: m.compute() for t, m in by_type.items() if m.grid is not None},
                         float(np.median(timed)), (float(np.percentile(timed, 25)), float(np.percentile(timed, 75))))
+
+
+def _update_by_type(by_type: dict, types: list[str], maps: np.ndarray, masks: np.ndarray) -> None:
+    """Each defect type's metrics see its own images and every normal image."""
+    normal = np.array([t == NORMAL for t in types])
+    for name, metrics in by_type.items():
+        chosen = normal | np.array([t == name for t in types])
+        if chosen.any():
+            metrics.update(maps[chosen], masks[chosen])
 
 
 def compact_maps(maps: torch.Tensor) -> np.ndarray:

@@ -3,6 +3,8 @@ weights, configuration, provenance, fit report and split record."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +22,7 @@ from adlib.run.loaders import auxiliary_streams, image_loader, split_of
 from adlib.settings import Settings
 from adlib.training import FitData, Validator, fit, seed_everything
 
+log = logging.getLogger(__name__)
 #: the category name of a run trained on every category of a data set (scope "dataset")
 ALL_CATEGORIES = "all"
 
@@ -102,6 +105,16 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
     validator = None
     if tcfg.get("validate_every"):
         validator = _validator(validation_source, manifest, validation, tcfg, cache_root, settings, device)
+    log.info("training %s (%s) on %s: %d training images, %d validation images (%s), %d labelled anomalies",
+             config.name, spec.family, manifest_path, len(split.train), len(split.validation), validation_source,
+             len(split.labelled))
+    log.info("resolved configuration: %s", json.dumps(config.to_dict(), sort_keys=True, default=str))
+    for info in _weights_provenance(model):
+        log.info("weights: %s from %s (sha256 %s)", info.get("backbone"), info.get("source"),
+                 (info.get("sha256") or "-")[:16])
+    for name, source in aux_sources.items():
+        log.info("auxiliary stream %s: %s", name, source)
+    log.info("device %s, %d torch threads, seed %d", device, torch.get_num_threads(), settings.seed)
     context = FitContext(device=device, seed=settings.seed, img_size=side, aux_sources=aux_sources)
     report = fit(model, FitData(loader, validation, aux), context, num_epochs=tcfg["num_epochs"],
                  max_steps=tcfg.get("max_steps"), amp=bool(tcfg.get("amp", True)),
@@ -109,6 +122,9 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
                  validate_every=tcfg.get("validate_every"), early_stopping_patience=tcfg.get("early_stopping_patience"),
                  early_stopping_target=tcfg.get("early_stopping_target"), progress=progress)
 
+    log.info("fit done in %.1f s: %d epochs, %d steps (%s)%s; peak RSS %.0f MiB", report.fit_seconds,
+             report.epochs_run, report.steps, report.stop_reason or "one pass",
+             "; stopped early" if report.stopped_early else "", report.peak_rss_mb)
     cfg = artifacts.run_config(config, dataset=str(manifest["dataset"].iloc[0]), category=run_category(manifest, spec),
                                categories=sorted(manifest["category"].astype(str).unique()), seed=settings.seed,
                                pretrained=pretrained)
@@ -125,6 +141,7 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
                                            "num_validation_images": len(split.validation),
                                            "num_labelled_train_images": len(split.labelled)})
         artifacts.write_record(stage)
+    log.info("wrote %s", run_dir)
     return run_dir
 
 

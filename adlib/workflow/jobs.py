@@ -25,9 +25,13 @@ def job_context(log: str | os.PathLike | None = None, threads: int | None = None
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
     saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    import logging
+
     with open(log, "a", encoding="utf-8", buffering=1) as handle:
         os.dup2(handle.fileno(), 1), os.dup2(handle.fileno(), 2)  # C-level output and subprocesses
         sys.stdout = sys.stderr = handle
+        logging.basicConfig(level=logging.INFO, stream=handle, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             yield
         except BaseException:
