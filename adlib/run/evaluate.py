@@ -59,7 +59,9 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
 
     labels = test_df["label"].to_numpy()
-    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
+    rule = model.decision_method if test.decision is not None else None
+    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores,
+                                            decision=test.decision, decision_method=rule)
     metrics.update({"inference_ms_b1": latency_ms_batch1(model, loader.dataset, device),
                     "inference_ms_batch": test.ms_per_image, "batch_size": int(tcfg["batch_size"]),
                     "device": str(device), "produces_maps": bool(model.produces_maps)})

@@ -18,12 +18,14 @@ LATENCY_IMAGES = 8
 
 @dataclasses.dataclass
 class ScoredImages:
-    """Result of scoring a loader: image scores, compact maps, pixel metrics, time per image."""
+    """Result of scoring a loader: image scores, compact maps, pixel metrics, time per image, and
+    the statistics of the model's own decision rule (models with a ``decision_method``)."""
 
     scores: np.ndarray
     maps: np.ndarray | None
     pixel_metrics: dict | None
     ms_per_image: float
+    decision: np.ndarray | None = None
 
 
 def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, *, with_pixels: bool,
@@ -35,7 +37,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     from adlib.evaluation import PixelMetrics
 
     pixels = PixelMetrics() if with_pixels else None
-    scores, maps, model_seconds = [], [], 0.0
+    scores, maps, decisions, model_seconds = [], [], [], 0.0
     model.eval()
     with torch.no_grad():
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -46,6 +48,8 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                 torch.cuda.synchronize(device)
             model_seconds += time.perf_counter() - start
             scores.append(out.scores.float().cpu().numpy())
+            if out.decision is not None:
+                decisions.append(out.decision.float().cpu().numpy())
             if out.maps is not None:
                 amap = out.maps.float().cpu()
                 if pixels is not None:
@@ -55,7 +59,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     n = sum(len(s) for s in scores)
     pixel_metrics = pixels.compute() if pixels is not None else None
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
-                        1000.0 * model_seconds / max(n, 1))
+                        1000.0 * model_seconds / max(n, 1), np.concatenate(decisions) if decisions else None)
 
 
 def compact_maps(maps: torch.Tensor) -> np.ndarray:
