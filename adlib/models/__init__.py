@@ -20,6 +20,8 @@ _MODEL_MODULES = (
     "draem",
     "autoencoder",
     "cflow",
+    "csflow",
+    "uflow",
 )
 
 
