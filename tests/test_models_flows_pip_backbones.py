@@ -9,7 +9,6 @@ from adlib.models import create_model
 
 CASES = [
     ("cflow", {"backbone": "tf_efficientnet_lite0", "coupling_blocks": 1}, 64),
-    ("cflow-resnet18", {"backbone": "mobilenetv2_100", "coupling_blocks": 1}, 64),
     ("csflow", {"backbone": "mobilenetv2_100", "hidden_channels": 8, "coupling_blocks": 1, "kernel_sizes": [5]}, 128),
     ("uflow-resnet18", {"backbone": "tf_efficientnet_lite0", "flow_steps": 1}, 64),
 ]

@@ -75,10 +75,12 @@ def test_bad_sizes_and_layers_are_refused_with_what_to_use():
         create_model("uflow", pretrained=False, **{**CAIT, "coarse_backbone_kwargs": {"img_size": 32, "depth": 2}})
     with pytest.raises(ValueError, match=r"halve .*strides \[4, 16\]: choose consecutive layers"):
         create_model("uflow-resnet18", pretrained=False, layers=["layer1", "layer3"])
+    with pytest.raises(ValueError, match=r"nfa_probability must be in \(0, 1\) \(default 0.5\); got 1.5"):
+        create_model("uflow-resnet18", pretrained=False, nfa_probability=1.5)
     with pytest.raises(ValueError, match="either a transformer `vit_block`"):
         create_model("uflow", pretrained=False, layers=["layer1"])
     with pytest.raises(ValueError, match="not a transformer with blocks; use a CNN configuration"):
-        create_model("uflow", pretrained=False, backbone="resnet18")
+        create_model("uflow", pretrained=False, backbone="tf_efficientnet_lite0")  # a CNN with `blocks`
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,8 @@ def threshold_report(test_labels: Any, test_scores: Any, calib_labels: Any = Non
         raise ValueError("pass both decision and decision_method, or neither")
     if decision is not None:
         if decision_method not in MODEL_METHODS:
-            raise ValueError(f"unknown model decision rule {decision_method!r}; known rules: {', '.join(MODEL_METHODS)}")
+            raise ValueError(f"unknown model decision rule {decision_method!r}; known rules: "
+                             f"{', '.join(MODEL_METHODS)}")
         _, d = check_binary(y, decision, f"{decision_method} decision statistics")
         for key in ("thresholds", "transferred_thresholds"):
             if report[key] is not None:

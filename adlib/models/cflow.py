@@ -112,9 +112,7 @@ class Cflow(AnomalyModel):
         """Per-dimension log-likelihood ``[N]`` of fibers under layer ``layer``'s flow."""
         z, log_jac = self.flows[layer](fibers, c=[cond])
         values = log_likelihood_per_dim(z, log_jac)
-        check_finite_likelihood(values, f"CFlow {self.layers[layer]}",
-                                f"Train with a lower learning rate than lr={self.lr:g} (e.g. lr={self.lr / 10:g}), "
-                                "keep amp=False, or check the images for NaN/inf pixels.")
+        check_finite_likelihood(values, f"CFlow {self.layers[layer]}", self.lr)
         return values
 
     def _chunked_log_likelihood(self, layer: int, fibers: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

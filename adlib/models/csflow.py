@@ -24,7 +24,7 @@ import torch
 from adlib.models.base import AnomalyModel, AnomalyOutput, Step, TrainBatch
 from adlib.models.components.cross_scale_flow import CrossScaleFlow
 from adlib.models.components.features import image_pyramid
-from adlib.models.components.flow import check_finite_likelihood
+from adlib.models.components.flow import check_finite_likelihood, gaussian_nll
 from adlib.models.components.maps import upsample_map
 from adlib.models.components.module_features import ModuleFeatures
 from adlib.models.registry import ModelSpec, TrainDefaults, register
@@ -59,11 +59,8 @@ class Csflow(AnomalyModel):
 
     def nll(self, zs: list[torch.Tensor], log_jac: torch.Tensor) -> torch.Tensor:
         """Per-sample negative log-likelihood per latent dimension ``[B]`` (checked to be finite)."""
-        dims = sum(z[0].numel() for z in zs)
-        values = (0.5 * sum(z.square().flatten(1).sum(dim=1) for z in zs) - log_jac) / dims
-        check_finite_likelihood(-values, "CS-Flow", f"Train with a lower learning rate than lr={self.lr:g} "
-                                                    f"(e.g. lr={self.lr / 10:g}), keep grad_clip_norm=1 and "
-                                                    "amp=False, or check the images for NaN/inf pixels.")
+        values = gaussian_nll(zs, log_jac) / sum(z[0].numel() for z in zs)
+        check_finite_likelihood(-values, "CS-Flow", self.lr, keep="grad_clip_norm=1 and amp=False")
         return values
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -34,7 +34,7 @@ from adlib.models.base import AnomalyModel, AnomalyOutput, OptimizerSpec, Step, 
 from adlib.models.components.features import image_pyramid
 from adlib.models.components.flow import check_finite_likelihood, coupling_flow_2d, gaussian_nll, likelihood_map
 from adlib.models.components.maps import max_score
-from adlib.models.components.nfa import log10_nfa
+from adlib.models.components.nfa import check_nfa_options, log10_nfa
 from adlib.models.components.vit_features import VitBlockFeatures
 from adlib.models.registry import ModelSpec, TrainDefaults, register, register_variant
 
@@ -87,6 +87,7 @@ class Uflow(AnomalyModel):
                  nfa_probability: float = 0.5, *, normalize: bool = True, pretrained: bool = True,
                  backbone_dir: str | Path | None = None) -> None:
         super().__init__(normalize=normalize)
+        check_nfa_options(int(nfa_window), float(nfa_probability))
         if (vit_block is None) == (not layers):
             raise ValueError("U-Flow takes either a transformer `vit_block` (layers=[]) or CNN `layers` "
                              "(vit_block=None), e.g. layers=['layer1', 'layer2', 'layer3']")
@@ -113,7 +114,9 @@ class Uflow(AnomalyModel):
         self.size_multiple = reductions[-1]
         self.set_input_stats(self.extractor.mean, self.extractor.std)
         self.is_vit = vit_block is not None
-        channels = list(self.extractor.channels) + ([self.coarse_extractor.channels[0]] if self.coarse_extractor else [])
+        channels = list(self.extractor.channels)
+        if self.coarse_extractor is not None:
+            channels.append(self.coarse_extractor.channels[0])
         self.flow = UShapedFlow(channels, int(flow_steps), float(hidden_ratio), float(clamp))
         self.lr, self.weight_decay, self.lr_end_factor = float(lr), float(weight_decay), float(lr_end_factor)
         self.nfa_window, self.nfa_probability = int(nfa_window), float(nfa_probability)
@@ -150,10 +153,8 @@ class Uflow(AnomalyModel):
 
     def nll(self, latents: list[torch.Tensor], log_jac: torch.Tensor) -> torch.Tensor:
         """Per-sample negative log-likelihood ``sum 0.5 * z^2 - log|det J|`` ``[B]`` (checked to be finite)."""
-        values = sum(gaussian_nll(z, torch.zeros_like(log_jac)) for z in latents) - log_jac
-        check_finite_likelihood(-values, "U-Flow", f"Train with a lower learning rate than lr={self.lr:g} "
-                                                  f"(e.g. lr={self.lr / 10:g}), keep amp=False, or check the images "
-                                                  "for NaN/inf pixels.")
+        values = gaussian_nll(latents, log_jac)
+        check_finite_likelihood(-values, "U-Flow", self.lr)
         return values
 
     def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> torch.Tensor:

@@ -50,10 +50,12 @@ def coupling_flow_2d(channels: int, flow_steps: int, *, conv3x3_only: bool = Fal
     return flow
 
 
-def gaussian_nll(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
+def gaussian_nll(z: torch.Tensor | Sequence[torch.Tensor], log_jac_det: torch.Tensor) -> torch.Tensor:
     """Per-sample negative log-likelihood under a standard normal latent, up to a constant:
-    ``0.5 * sum(z^2) - log|det J|`` (float32, ``[B]``)."""
-    return 0.5 * z.float().square().flatten(1).sum(dim=1) - log_jac_det.float()
+    ``0.5 * sum(z^2) - log|det J|`` (float32, ``[B]``); ``z`` may be a list of one flow's latents
+    (one per scale), summed over all of them."""
+    latents = [z] if isinstance(z, torch.Tensor) else list(z)
+    return 0.5 * sum(x.float().square().flatten(1).sum(dim=1) for x in latents) - log_jac_det.float()
 
 
 def fc_subnet(in_features: int, out_features: int) -> nn.Module:
@@ -93,13 +95,15 @@ def likelihood_map(latents: Sequence[torch.Tensor], size: Sequence[int]) -> torc
     return 1.0 - torch.stack(probs).mean(dim=0)
 
 
-def check_finite_likelihood(values: torch.Tensor, where: str, advice: str) -> None:
+def check_finite_likelihood(values: torch.Tensor, where: str, lr: float, keep: str = "amp=False") -> None:
     """Raise :class:`~adlib.training.NonFiniteLossError` naming the first NaN/inf value of a
-    likelihood, how many positions have one, and ``advice`` (what to use instead)."""
+    log-likelihood, how many positions have one, and what to use instead: a learning rate below
+    the model's ``lr``, the settings in ``keep``, or clean images."""
     finite = torch.isfinite(values.detach())
     if bool(finite.all()):
         return
     bad = values.detach()[~finite]
     raise NonFiniteLossError(
         f"{where}: the log-likelihood is {bad.flatten()[0].item()} at {bad.numel()} of {values.numel()} positions, "
-        f"so no anomaly score can be computed. {advice}")
+        f"so no anomaly score can be computed. Train with a lower learning rate than lr={lr:g} (e.g. "
+        f"lr={lr / 10:g}), keep {keep}, or check the images for NaN/inf pixels.")

@@ -44,13 +44,18 @@ def window_half_sides(window: int, n_scales: int) -> list[int]:
     return [max(int(window / 2 ** s) // 2, 1) for s in range(n_scales)]
 
 
+def check_nfa_options(window: int, probability: float) -> None:
+    """Refuse a window side below 1 or a probability outside (0, 1), naming the defaults."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"nfa_probability must be in (0, 1) (default 0.5); got {probability}")
+    if window < 1:
+        raise ValueError(f"nfa_window must be >= 1 (default 7); got {window}")
+
+
 def log10_nfa(latents: Sequence[torch.Tensor], window: int = 7, probability: float = 0.5) -> torch.Tensor:
     """``log10 NFA`` ``[B, h, w]`` on the finest latent grid (``latents[0]``), from latents
     ``[B, C_s, h_s, w_s]`` ordered finest first."""
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"nfa_probability must be in (0, 1); got {probability}")
-    if window < 1:
-        raise ValueError(f"nfa_window must be >= 1; got {window}")
+    check_nfa_options(window, probability)
     bound = float(torch.special.ndtri(torch.tensor((1.0 + probability) / 2.0, dtype=torch.float64)))
     halves = window_half_sides(window, len(latents))
     table = binomial_log10_tail((2 * max(halves) + 1) ** 2, 1.0 - probability).to(latents[0].device)
