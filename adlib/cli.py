@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="scores.csv", help="CSV of scores and decisions (default scores.csv)")
     p.add_argument("--threshold-method", default="f1_percentile",
-                   choices=["f1_percentile", "f1_uniform", "roc_youden", "percentile_95"])
+                   choices=["f1_percentile", "f1_uniform", "roc_youden", "percentile_95", "nfa"],
+                   help="a fitted threshold, or nfa: U-Flow's own a-contrario rule (nothing fitted)")
     p.add_argument("--overlays", help="folder for overlay pictures (optional)")
     _add_settings_args(p)
     p.set_defaults(func=cmd_predict)

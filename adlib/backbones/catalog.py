@@ -122,7 +122,7 @@ _DSR_URL = ("https://github.com/open-edge-platform/anomalib/releases/download/"
             "dsr_pretrained_weights/dsr_vq_model_pretrained.zip")
 
 _ENTRIES = [
-    _torchvision("resnet18", "resnet18", ("resnet18-f37072fd.pth",), ("padim", "stfpm", "cflow", "fastflow")),
+    _torchvision("resnet18", "resnet18", ("resnet18-f37072fd.pth",), ("padim", "stfpm", "cflow", "fastflow", "uflow")),
     _torchvision("resnet50", "resnet50", ("resnet50-0676ba61.pth",), ("dfkde", "dfm", "fre")),
     _torchvision("wide_resnet50_2", "wide_resnet50_2", ("wide_resnet50_2-95faca4d.pth",),
                  ("padim", "patchcore", "cflow", "fastflow", "reverse_distillation", "cfa", "supersimplenet",
@@ -131,9 +131,9 @@ _ENTRIES = [
                  _torchvision("mobilenetv2_100", "mobilenet_v2", (), ()).fetch, "mobilenetv2_100.pth",
                  aliases=("mobilenet_v2-b0353104.pth", "mobilenet_v2.pth"), packages=(_MOBILENET_PACKAGE,)),
     _lite(0, "57934424"), _lite(1, "77cc7160"), _lite(2, "9656183e"),
-    _timm("efficientnet_b5", "sw_in12k_ft_in1k", "EfficientNet-B5 (timm weights)", used_by=("csflow",)),
-    _timm("tf_efficientnet_b5", "in1k", "EfficientNet-B5 TF port (as lukemelas efficientnet-b5; same padding)",
-          aliases=("efficientnet-b5-b6417697.pth",), used_by=("csflow",)),
+    _timm("efficientnet_b5", "sw_in12k_ft_in1k", "EfficientNet-B5 (timm weights; csflow with this backbone= override)"),
+    _timm("tf_efficientnet_b5", "in1k", "EfficientNet-B5 TF port (as lukemelas efficientnet-b5, the CS-Flow "
+          "paper's weights; same padding)", aliases=("efficientnet-b5-b6417697.pth",), used_by=("csflow",)),
     _timm("cait_m48_448", "fb_dist_in1k", "CaiT-M48 448 px", aliases=("M48_448.pth",), used_by=("fastflow", "uflow")),
     _timm("cait_s24_224", "fb_dist_in1k", "CaiT-S24 224 px", aliases=("S24_224.pth",), used_by=("uflow",)),
     _timm("deit_base_distilled_patch16_384", "fb_in1k", "DeiT-B distilled 384 px",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from adlib.evaluation.thresholds import METHOD_TITLES
+from adlib.evaluation.thresholds import METHOD_TITLES, METHODS, MODEL_METHODS
 
 _F1_METHODS = ("f1_percentile", "f1_uniform")
 
@@ -52,13 +52,13 @@ class _Writer:
 
     def thresholds(self, group: str, detailed: bool = False) -> None:
         """One line per method: the original specification's wording, or F1, sensitivity and
-        specificity for all if detailed."""
+        specificity for all if detailed (and for a model's own rule, listed only where present)."""
         results = self.metrics.get(group) or {}
-        for method, title in METHOD_TITLES.items():
-            res = results.get(method)
+        for method in (*METHODS, *(m for m in MODEL_METHODS if results.get(m) is not None)):
+            title, res = METHOD_TITLES[method], results.get(method)
             if res is None:
                 self.lines.append(f"{title}: {self.na(f'{group}.{method}')}")
-            elif detailed:
+            elif detailed or method in MODEL_METHODS:
                 self.lines.append(f"{title}: {_num(res['threshold'])} | F1: {self.rate(res['f1'])}, "
                                   f"Sensitivity: {self.rate(res['recall'])}, "
                                   f"Specificity: {self.rate(res['specificity'])}")

@@ -13,6 +13,12 @@ Methods (``METHODS``), each fitted on one set of (labels, scores):
 An image is predicted anomalous when ``score >= threshold``. The F1 and Youden methods need
 both classes; without them they return no threshold and a note instead of picking the minimum.
 
+A model may also bring its own unsupervised decision rule (``MODEL_METHODS``; the model's
+``decision_method``): ``nfa`` is U-Flow's a-contrario test, an image is anomalous when its
+``decision`` statistic (``log10(1 / NFA)`` of its most significant position) is >= 0. Nothing is
+fitted, so its row is the same in the oracle and the transferred tables; models without such a
+rule have no row.
+
 *Oracle* thresholds are fitted on the test split and applied to it (optimistic, what the
 original specification reports); *transferred* thresholds are fitted on a calibration split and applied to the test
 split (what a deployment would see).
@@ -27,11 +33,15 @@ import numpy as np
 from adlib.evaluation.metrics import binary_curve, check_binary, single_class_reason
 
 METHODS = ("f1_percentile", "f1_uniform", "roc_youden", "percentile_95")
+#: decision rules a model brings itself (AnomalyModel.decision_method), on AnomalyOutput.decision >= 0
+MODEL_METHODS = ("nfa",)
+ALL_METHODS = METHODS + MODEL_METHODS
 METHOD_TITLES = {
     "f1_percentile": "F1 (Percentile)",
     "f1_uniform": "F1 (Uniform)",
     "roc_youden": "ROC (Youden J)",
     "percentile_95": "Percentile (95%)",
+    "nfa": "A-contrario (NFA <= 1)",
 }
 GRID_SIZE = 201
 CONFUSION_KEYS = ("threshold", "tp", "fn", "tn", "fp", "accuracy", "precision", "recall", "specificity", "f1")
@@ -128,8 +138,12 @@ def _applied(fitted: dict[str, FittedThreshold], labels: np.ndarray, scores: np.
 
 
 def threshold_report(test_labels: Any, test_scores: Any, calib_labels: Any = None,
-                     calib_scores: Any = None) -> dict[str, Any]:
+                     calib_scores: Any = None, decision: Any = None, decision_method: str | None = None
+                     ) -> dict[str, Any]:
     """Oracle and (if a calibration split is given) transferred thresholds, as in ``metrics.json``.
+
+    ``decision`` (with its ``decision_method``, one of ``MODEL_METHODS``): the test images'
+    statistics of a model's own rule, added as one more method (anomalous when >= 0).
 
     Returns ``{"thresholds": {method: confusion | None}, "transferred_thresholds": {...} | None,
     "notes": ["thresholds.<method>: <reason>", ...]}``.
@@ -146,6 +160,16 @@ def threshold_report(test_labels: Any, test_scores: Any, calib_labels: Any = Non
         cy, cs = check_binary(calib_labels, calib_scores, "calibration scores")
         fitted = fit_thresholds(cy, cs, "calibration images")
         report["transferred_thresholds"] = _applied(fitted, y, s, "transferred_thresholds", notes)
+    if (decision is None) != (decision_method is None):
+        raise ValueError("pass both decision and decision_method, or neither")
+    if decision is not None:
+        if decision_method not in MODEL_METHODS:
+            raise ValueError(f"unknown model decision rule {decision_method!r}; known rules: "
+                             f"{', '.join(MODEL_METHODS)}")
+        _, d = check_binary(y, decision, f"{decision_method} decision statistics")
+        for key in ("thresholds", "transferred_thresholds"):
+            if report[key] is not None:
+                report[key][decision_method] = apply_threshold(y, d, 0.0)
     report["notes"] = notes
     return report
 

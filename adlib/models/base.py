@@ -23,6 +23,9 @@ What a model declares (class attributes unless noted):
   the loop streams into :attr:`TrainBatch.aux`, one batch per step.
 * ``produces_maps``: False for image-level models (``predict`` then returns ``maps=None``).
 * ``frozen_modules``: sub-modules with pretrained weights that are reloaded, not saved.
+* ``decision_method``: the name of the model's own unsupervised decision rule (U-Flow's
+  ``"nfa"``), reported in threshold tables beside the fitted thresholds; ``predict`` then fills
+  :attr:`AnomalyOutput.decision`.
 
 Prediction: :meth:`predict` takes images in [0, 1] (``B x 3 x H x W``) and returns one score
 per image and, unless image-level, an anomaly map at input resolution. Input normalisation is
@@ -51,10 +54,15 @@ DEFAULT_PHASE = "train"
 
 @dataclasses.dataclass
 class AnomalyOutput:
-    """Per-image anomaly scores ``[B]`` and optional anomaly maps ``[B, H, W]`` (input size)."""
+    """Per-image anomaly scores ``[B]`` and optional anomaly maps ``[B, H, W]`` (input size).
+
+    ``decision`` ``[B]`` (models with a ``decision_method`` only): the statistic of the model's
+    own decision rule, which needs no fitted threshold: an image is anomalous when it is >= 0.
+    """
 
     scores: torch.Tensor
     maps: torch.Tensor | None = None
+    decision: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +189,8 @@ class AnomalyModel(nn.Module):
     frozen_modules: ClassVar[tuple[str, ...]] = ()
     #: input sides must be multiples of this (a class or instance attribute)
     size_multiple: int = 1
+    #: name of the model's own unsupervised decision rule in threshold tables (None: it has none)
+    decision_method: ClassVar[str | None] = None
 
     def __init__(self, normalize: bool = True, mean: Iterable[float] = IMAGENET_MEAN,
                  std: Iterable[float] = IMAGENET_STD) -> None:

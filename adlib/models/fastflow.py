@@ -26,8 +26,8 @@ from torch import nn
 
 from adlib.backbones import FeatureExtractor
 from adlib.models.base import AnomalyModel, AnomalyOutput, Step, TrainBatch
-from adlib.models.components.flow import coupling_flow_2d, gaussian_nll
-from adlib.models.components.maps import max_score, upsample_map
+from adlib.models.components.flow import coupling_flow_2d, gaussian_nll, likelihood_map
+from adlib.models.components.maps import max_score
 from adlib.models.components.vit_features import VitBlockFeatures
 from adlib.models.registry import ModelSpec, TrainDefaults, register, register_variant
 
@@ -78,9 +78,7 @@ class Fastflow(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        probs = [upsample_map(torch.exp(-0.5 * z.float().square().mean(dim=1)), images.shape[-2:])
-                 for z, _ in self.latents(images)]
-        maps = 1.0 - torch.stack(probs).mean(dim=0)
+        maps = likelihood_map([z for z, _ in self.latents(images)], images.shape[-2:])
         return AnomalyOutput(scores=max_score(maps), maps=maps)
 
 

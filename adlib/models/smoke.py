@@ -21,6 +21,13 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
                       "flow_steps": 2},
     "fastflow-deit": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
                       "flow_steps": 2},
+    "cflow*": {"coupling_blocks": 2, "fiber_batch_size": 64},
+    # a stride-16 stage of an EfficientNet-family CNN (B5's path uses blocks.5, stride 32): 3 scales at 64 px
+    "csflow": {"backbone": "tf_efficientnet_lite0", "layer": "blocks.4", "hidden_channels": 16,
+               "coupling_blocks": 2, "kernel_sizes": [3, 5]},
+    "uflow": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
+              "coarse_backbone_kwargs": {"img_size": 16, "depth": 2}, "coarse_vit_block": 1, "flow_steps": 2},
+    "uflow-resnet18": {"flow_steps": 2},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}

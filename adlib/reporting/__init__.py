@@ -3,7 +3,7 @@
 * :mod:`adlib.reporting.leaderboard`: one row per run, per-model summary, per-category ranks;
 * :mod:`adlib.reporting.stats`: Friedman test, Nemenyi critical difference diagram, bootstrap CIs;
 * :mod:`adlib.reporting.cost`: accuracy against inference and fit cost, Pareto front;
-* :mod:`adlib.reporting.thresholds_summary`: the four threshold methods across runs;
+* :mod:`adlib.reporting.thresholds_summary`: the four threshold methods (and models' own rules) across runs;
 * :mod:`adlib.reporting.ensemble`: ensemble candidates, score correlation, score-level fusion;
 * :mod:`adlib.reporting.summary`: one self-contained HTML page; :mod:`adlib.reporting.html`: renderers.
 

@@ -1,4 +1,5 @@
-"""Threshold analysis across runs: the four methods side by side, oracle vs transferred."""
+"""Threshold analysis across runs: the four methods (and a model's own rule such as U-Flow's
+a-contrario NFA, for the runs whose model has one) side by side, oracle vs transferred."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from adlib.evaluation.thresholds import ALL_METHODS, MODEL_METHODS
 from adlib.io import write_text
 from adlib.reporting.html import markdown_table
 from adlib.reporting.leaderboard import write_table
@@ -19,7 +21,8 @@ def threshold_table(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run x method x kind (oracle: fitted on test; transferred: fitted on calibration).
 
     Methods that could not be fitted (e.g. no anomalies) have ``available = False`` and the reason
-    in ``note``; runs without a calibration split have no transferred rows.
+    in ``note``; runs without a calibration split have no transferred rows; a model's own rule
+    (``nfa``) has rows only for the runs whose model has it.
     """
     rows = []
     for run_dir in run_dirs:
@@ -30,7 +33,7 @@ def threshold_table(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
             results = metrics.get(key)
             if results is None:
                 continue
-            for method in THRESHOLD_METHODS:
+            for method in (*THRESHOLD_METHODS, *(m for m in MODEL_METHODS if results.get(m))):
                 result = results.get(method) or {}
                 note = next((n.split(": ", 1)[-1] for n in notes if n.startswith(f"{key}.{method}")), "")
                 rows.append({**run_identity(run_dir), "model_name": config.get("name"), "method": method,
@@ -49,7 +52,7 @@ def method_summary(table: pd.DataFrame) -> pd.DataFrame:
     summary = groups.agg(runs=("available", "size"), available=("available", "sum"),
                          f1=("f1", "mean"), accuracy=("accuracy", "mean"), precision=("precision", "mean"),
                          recall=("recall", "mean"), specificity=("specificity", "mean")).reset_index()
-    order = {m: i for i, m in enumerate(THRESHOLD_METHODS)}
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
     return summary.sort_values(["method", "kind"], key=lambda c: c.map(order) if c.name == "method" else c,
                                kind="stable").reset_index(drop=True)
 
@@ -87,7 +90,11 @@ def threshold_markdown(table: pd.DataFrame) -> str:
     n_runs = table[list(RUN_KEYS)].drop_duplicates().shape[0]
     has_transfer = (table["kind"] == "transferred").any()
     parts = ["# Threshold analysis", "",
-             f"{n_runs} runs, four threshold methods. **Oracle** thresholds are fitted on the test split "
+             f"{n_runs} runs, four threshold methods"
+             + (" and the models' own a-contrario rule (`nfa`: an image is anomalous when some position has "
+                "a number of false alarms <= 1; nothing is fitted, so its oracle and transferred rows agree)"
+                if table["method"].isin(MODEL_METHODS).any() else "")
+             + ". **Oracle** thresholds are fitted on the test split "
              "and applied to it (optimistic: what the original specification reports). "
              + ("**Transferred** thresholds are fitted on the calibration split and applied to the test split "
                 "(what a deployment sees)." if has_transfer else

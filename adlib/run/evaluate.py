@@ -76,7 +76,9 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
             reference = (calib.maps[calib_labels == 0], "calibration normal images")
 
     labels = test_df["label"].to_numpy()
-    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
+    rule = model.decision_method if test.decision is not None else None
+    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores,
+                                            decision=test.decision, decision_method=rule)
     metrics["per_defect_type"] = metrics_by_defect_type(labels, test.scores, test_df["defect_type"],
                                                         test.pixel_metrics_by_type)
     latency = latency_ms_batch1(model, loader.dataset, device)

@@ -34,11 +34,12 @@ def write_pictures(run_dir: Path, title: str, test_df: pd.DataFrame, test: Score
     reference images named by ``reference`` (default: the test normals)."""
     from adlib.evaluation import format_results_txt
     from adlib.evaluation.plots import plot_overlay, plot_roc_pr, plot_score_histogram
-    from adlib.evaluation.thresholds import deployed_threshold
+    from adlib.evaluation.thresholds import METHODS, deployed_threshold
 
     labels = test_df["label"].to_numpy()
     write_text(run_dir / f"results_{title}_thresholds.txt", format_results_txt(metrics, title))
-    thresholds = {k: v["threshold"] for k, v in (metrics.get("thresholds") or {}).items() if v}
+    # thresholds on the score axis only (a model's own rule thresholds another statistic)
+    thresholds = {k: v["threshold"] for k, v in (metrics.get("thresholds") or {}).items() if v and k in METHODS}
     plot_score_histogram(labels, test.scores, thresholds, run_dir / f"histogram_{title}_scores.png", title)
     plot_roc_pr(labels, test.scores, run_dir / f"curves_{title}_roc_pr.png", title)
     if test.maps is None:

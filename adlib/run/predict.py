@@ -7,6 +7,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from adlib import artifacts
+from adlib.evaluation.thresholds import MODEL_METHODS
 from adlib.io import atomic_path, read_json
 from adlib.run.device import job_device
 from adlib.run.evaluate import model_dir_of
@@ -60,7 +61,11 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     artifacts.check_evaluated(run_dir, model_dir, metrics)
     device = job_device(settings)
     model, config = artifacts.load_model(model_dir, backbone_dir=settings.backbone_dir, device=device)
-    threshold = decision_threshold(metrics, threshold_method)
+    own_rule = threshold_method in MODEL_METHODS  # the model's own rule: decision >= 0, nothing fitted
+    if own_rule and model.decision_method != threshold_method:
+        raise ValueError(f"{config['name']} has no {threshold_method!r} decision rule (only U-Flow has 'nfa'); "
+                         "choose another --threshold-method, e.g. percentile_95")
+    threshold = 0.0 if own_rule else decision_threshold(metrics, threshold_method)
     paths = collect_images(images)
     # labels are unknown for new images; 0 is a placeholder the scoring never reads
     manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
@@ -69,9 +74,12 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)
+    statistic = scored.decision if own_rule else scored.scores
     table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
                           "threshold": threshold, "threshold_method": threshold_method,
-                          "anomalous": scored.scores >= threshold})
+                          "anomalous": statistic >= threshold})
+    if own_rule:
+        table.insert(2, "decision", scored.decision)
     with atomic_path(Path(out_csv)) as tmp:
         table.to_csv(tmp, index=False)
     if overlay_dir is not None and scored.maps is not None:

@@ -22,7 +22,8 @@ LATENCY_PASSES = 5
 
 @dataclasses.dataclass
 class ScoredImages:
-    """Result of scoring a loader: image scores, compact maps, pixel metrics, time per image."""
+    """Result of scoring a loader: image scores, compact maps, pixel metrics, time per image, and
+    the statistics of the model's own decision rule (models with a ``decision_method``)."""
 
     scores: np.ndarray
     maps: np.ndarray | None
@@ -30,6 +31,7 @@ class ScoredImages:
     pixel_metrics_by_type: dict[str, dict]
     ms_per_image: float  # median over batches (the first, warm-up batch excluded when there are more)
     ms_per_image_spread: tuple[float, float] = (float("nan"), float("nan"))  # 25th / 75th percentile
+    decision: np.ndarray | None = None  # the model's own decision statistic (>= 0: anomalous), if it has one
 
 
 def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, *, with_pixels: bool,
@@ -48,7 +50,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     pixels = PixelMetrics() if with_pixels else None
     types = list(defect_types) if defect_types is not None and with_pixels else None
     by_type = {t: PixelMetrics() for t in sorted(set(types or [])) if t != NORMAL}
-    scores, maps, per_image_ms = [], [], []
+    scores, maps, decisions, per_image_ms = [], [], [], []
     model.eval()
     with torch.no_grad():
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -59,6 +61,8 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                 torch.cuda.synchronize(device)
             per_image_ms.append(1000.0 * (time.perf_counter() - start) / len(images))
             scores.append(out.scores.float().cpu().numpy())
+            if out.decision is not None:
+                decisions.append(out.decision.float().cpu().numpy())
             if out.maps is not None:
                 amap = out.maps.float().cpu()
                 if pixels is not None:
@@ -72,7 +76,8 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
     timed = np.asarray(per_image_ms[1:] if len(per_image_ms) > 1 else per_image_ms)
     return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
                         {t: m.compute() for t, m in by_type.items() if m.grid is not None},
-                        float(np.median(timed)), (float(np.percentile(timed, 25)), float(np.percentile(timed, 75))))
+                        float(np.median(timed)), (float(np.percentile(timed, 25)), float(np.percentile(timed, 75))),
+                        np.concatenate(decisions) if decisions else None)
 
 
 def _update_by_type(by_type: dict, types: list[str], maps: np.ndarray, masks: np.ndarray) -> None:

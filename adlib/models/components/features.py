@@ -1,4 +1,4 @@
-"""Turning multi-layer backbone feature maps into per-position embeddings."""
+"""Turning multi-layer backbone feature maps into per-position embeddings; multi-scale inputs."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -90,3 +90,11 @@ def to_patch_rows(embedding: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B * h * w, C]`` (image-major, then row-major positions)."""
     b, c, h, w = embedding.shape
     return embedding.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def image_pyramid(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """``images`` ``[B, 3, H, W]`` and ``levels - 1`` copies at 1/2, 1/4, ... of each side
+    (antialiased bilinear resizing), finest first: the multi-scale inputs of CS-Flow and U-Flow."""
+    h, w = images.shape[-2:]
+    return [images] + [F.interpolate(images, size=(h >> k, w >> k), mode="bilinear", align_corners=False,
+                                     antialias=True) for k in range(1, levels)]

@@ -26,7 +26,7 @@ class VitBlockFeatures(nn.Module):
         self.name = name
         self.blocks = [int(b) for b in blocks]
         model = create_backbone(name, pretrained=pretrained, backbone_dir=backbone_dir, **timm_kwargs)
-        if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
+        if not all(hasattr(model, a) for a in ("forward_intermediates", "blocks", "patch_embed")):
             raise ValueError(f"backbone {name!r} is not a transformer with blocks; use a CNN configuration "
                              "(layers=...) instead of vit_block")
         depth = len(model.blocks)
