@@ -48,7 +48,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     loader = image_loader(test_df, tcfg, cache_root, settings, shuffle=False)
     test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress)
 
-    calib_scores = calib_labels = None
+    calib = calib_scores = calib_labels = None
     calib_df = split_of(manifest, "calibration")
     if calibration == "calibration":
         if calib_df.empty:
@@ -78,8 +78,10 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         extra["score"] = calib_scores
         scores = pd.concat([scores, extra], ignore_index=True)
     artifacts.write_scores(run_dir / artifacts.SCORES, scores)
-    if test.maps is not None:
-        artifacts.write_maps(run_dir / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
+    if test.maps is not None:  # calibration maps too: ensembles normalise maps with calibration normals
+        calib_maps = calib.maps if calib is not None else None
+        artifacts.write_maps(run_dir / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy(), calib_maps,
+                             calib_df["image_path"].to_numpy() if calib_maps is not None else None)
     write_json(run_dir / artifacts.METRICS, metrics)
     title = title or f"{config['dataset']}_{test_df['category'].iloc[0]}_{config['name']}"
     write_pictures(run_dir, title, test_df, test, metrics, loader.dataset)
