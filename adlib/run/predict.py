@@ -43,11 +43,20 @@ def decision_threshold(metrics: dict, method: str) -> float:
                      "choose another --threshold-method, e.g. percentile_95")
 
 
+def prediction_dataset(paths: list[Path], config: dict):
+    """New images as a data set at a run's input size (labels are unknown: 0 is a placeholder
+    the scoring never reads)."""
+    from adlib.data import ImageDataset
+    from adlib.data.manifest import make_manifest, manifest_row
+
+    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
+    return ImageDataset(manifest, int(config["train"]["img_size"]), center_crop=config["train"].get("center_crop"),
+                        normalize=False)
+
+
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
                    threshold_method: str = "f1_percentile", overlay_dir: str | Path | None = None) -> pd.DataFrame:
     """Score new images with a saved run; write a CSV of scores and decisions (and overlays)."""
-    from adlib.data import ImageDataset
-    from adlib.data.manifest import make_manifest, manifest_row
     from adlib.evaluation.plots import plot_overlay
 
     run_dir = Path(run_dir)
@@ -56,15 +65,11 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     device = job_device(settings)
     model, config = artifacts.load_model(model_dir, backbone_dir=settings.backbone_dir, device=device)
     threshold = decision_threshold(metrics, threshold_method)
-    paths = collect_images(images)
-    # labels are unknown for new images; 0 is a placeholder the scoring never reads
-    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
-    size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
-    dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
+    dataset = prediction_dataset(collect_images(images), config)
     loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)
-    table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
+    table = pd.DataFrame({"image_path": dataset.manifest["image_path"], "score": scored.scores,
                           "threshold": threshold, "threshold_method": threshold_method,
                           "anomalous": scored.scores >= threshold})
     with atomic_path(Path(out_csv)) as tmp:
