@@ -84,7 +84,8 @@ def plot_diversity(summary: pd.DataFrame, candidates: Sequence[str], path: str |
         ax.set_yticks(range(n), candidates)
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9)
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                        color="white" if abs(matrix[i, j]) > 0.75 else "black")  # readable on dark cells
         fig.colorbar(image, ax=ax)
         ax.set_title(title, fontsize=10)
     return save_figure(fig, path, dpi=120)

@@ -128,6 +128,8 @@ def fit_maps(ensemble: FittedEnsemble, maps: Mapping[str, MemberMaps], fused_ref
     sizes = [maps[m].test.shape[-2:] for m in members]
     ensemble.map_size = (max(h for h, _ in sizes), max(w for _, w in sizes))
     ensemble.map_reference = ", ".join(sorted({maps[m].reference for m in members}))
+    if "optimistic" in ensemble.map_reference:
+        ensemble.notes.append(f"maps: normalisation statistics from {ensemble.map_reference}")
     image_only = [m for m in ensemble.members if m not in maps]
     if image_only:
         ensemble.notes.append(f"maps: {', '.join(image_only)} score whole images only and join the image-level "

@@ -89,7 +89,7 @@ class BlockEvaluation:
 
     def __init__(self, block: Block, runs: Mapping[str, MemberRun], members: Sequence[str], normalization: str,
                  fusion: str, best_single: str, manifest: pd.DataFrame | None):
-        self.block, self.runs, self.best_single, self.manifest = block, runs, best_single, manifest
+        self.block, self.best_single = block, best_single
         self.maps = {m: mm for m in block.members if (mm := member_maps(runs[m], block)) is not None}
         self.ensemble = self.fit(members, normalization, fusion)
         self.scores = self.ensemble.fuse_scores(block.test.raw)
@@ -140,14 +140,14 @@ class BlockEvaluation:
         block, labels = self.block, self.block.test.label
         single_scores = block.test.raw[self.best_single]
         paired = paired_bootstrap_auroc_difference(labels, self.scores, single_scores, n_boot, seed)
-        oracle = max(block.members, key=lambda m: _auroc_or_low(labels, block.test.raw[m]))
+        oracle = max(block.members, key=lambda m: image_auroc(labels, block.test.raw[m]) or -1.0)
         row = {**block.key, "fit_split": block.fit_split, "ensemble": "+".join(self.ensemble.members),
                "normalization": self.ensemble.normalization, "fusion": self.ensemble.fusion,
                "best_single": self.best_single, "ensemble_auroc": paired["auroc_a"],
                "best_single_auroc": paired["auroc_b"], "difference": paired["difference"],
                "ensemble_aupr": average_precision(labels, self.scores),
                "best_single_aupr": average_precision(labels, single_scores),
-               "oracle_single": oracle, "oracle_single_auroc": _auroc_or_low(labels, block.test.raw[oracle]),
+               "oracle_single": oracle, "oracle_single_auroc": image_auroc(labels, block.test.raw[oracle]),
                "n_test": int(len(labels))}
         return row, paired["replicates"]
 
@@ -158,16 +158,11 @@ class BlockEvaluation:
                                               if self.block.fit_split == CALIBRATION else [])
         for split, part in splits:
             frames.append(pd.DataFrame({
-                **{k: v for k, v in self.block.key.items()}, "image_path": part.image_path, "split": split,
+                **self.block.key, "image_path": part.image_path, "split": split,
                 "label": part.label, "defect_type": part.defect_type,
                 "ensemble_score": self.ensemble.fuse_scores(part.raw), "best_single": self.best_single,
                 "best_single_score": part.raw[self.best_single]}))
         return pd.concat(frames, ignore_index=True)
-
-
-def _auroc_or_low(labels: np.ndarray, scores: np.ndarray) -> float:
-    value = image_auroc(labels, scores)
-    return -1.0 if value is None else value
 
 
 def pooled_comparison(rows: list[dict[str, Any]], replicates: list[np.ndarray], confidence: float) -> dict[str, Any]:
