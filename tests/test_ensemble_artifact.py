@@ -28,8 +28,19 @@ MEMBERS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread is many times faster than two busy ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, one_thread):
     """Runs in the workflow layout ``runs/syn/widget/<label>/0`` with a calibration split."""
     root = tmp_path_factory.mktemp("study")
     make_dataset("mvtec", root / "data", categories=("widget",), n_train=10, n_test_good=8, n_test_bad=8, size=64,

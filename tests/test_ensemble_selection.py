@@ -21,7 +21,7 @@ MODELS = {"p": 1.2, "q": 1.2, "r": 1.2, "weak": 0.2}
 
 
 def _grid(tmp_path, **kwargs):
-    options = {"categories": ("c1", "c2", "c3"), "calibration": True, "n_normal": 60, "n_anomalous": 60, **kwargs}
+    options = {"categories": ("c1", "c2"), "calibration": True, "n_normal": 48, "n_anomalous": 48, **kwargs}
     return make_grid(tmp_path / "runs", MODELS, **options)
 
 
@@ -40,7 +40,7 @@ def test_block_fits_on_calibration_normals_and_its_thresholds(tmp_path):
     runs = _grid(tmp_path, categories=("c1",))
     frame, _ = read_runs(runs)
     [block] = blocks_of(frame)
-    assert block.fit_split == CALIBRATION and len(block.test) == 120 and len(block.fit) == 30
+    assert block.fit_split == CALIBRATION and len(block.test) == 96 and len(block.fit) == 24
     ensemble = fit_ensemble(block, ["p", "q"], "zscore", "mean")
     scores = pd.read_parquet(runs[0].parent.parent / "p" / "0" / "scores.parquet")
     normals = scores[(scores.split == "calibration") & (scores.label == 0)].score.to_numpy(float)
@@ -83,10 +83,10 @@ def test_report_recommends_fusion_of_complementary_models_and_compares_with_the_
     summary = pd.read_csv(out / "fusion_summary.csv")
     assert summary.recommended.sum() == 1 and set(summary["size"]) == {1, 2, 3}
     results = pd.read_csv(out / "fusion_results.csv")
-    # 3 categories x 2 seeds; per block: 4 singles + (3 pairs + 1 triple) x 3 normalisations x 3 fusions
-    assert len(results) == 6 * (4 + 4 * 3 * 3)
+    # 2 categories x 2 seeds; per block: 4 singles + (3 pairs + 1 triple) x 3 normalisations x 3 fusions
+    assert len(results) == 4 * (4 + 4 * 3 * 3)
     comparison = pd.read_csv(out / "comparison.csv")
-    assert len(comparison) == 6 + 1 and comparison.category.iloc[-1] == "mean over blocks"
+    assert len(comparison) == 4 + 1 and comparison.category.iloc[-1] == "mean over blocks"
     blocks = comparison.iloc[:-1]
     assert (blocks.ci_low <= blocks.difference).all() and (blocks.difference <= blocks.ci_high).all()
     scores = pd.read_parquet(out / "recommended_scores.parquet")
