@@ -165,13 +165,31 @@ class BlockEvaluation:
         return pd.concat(frames, ignore_index=True)
 
 
+PIXEL_COLUMNS = ("ensemble_pixel_auroc", "ensemble_pixel_aupro", "best_single_pixel_auroc",
+                 "best_single_pixel_aupro")
+
+
+def pixel_columns(map_rows: list[dict[str, Any]], best_single: str) -> dict[str, Any]:
+    """Pixel AUROC/AUPRO over all test images of the ensemble and of the best single model (``None``
+    without maps)."""
+    out: dict[str, Any] = dict.fromkeys(PIXEL_COLUMNS)
+    for row in map_rows:
+        if row["defect_type"] != "all":
+            continue
+        who = "ensemble" if row["entry"] == "ensemble" else "best_single" if (
+            row["entry"] == "single" and row["members"] == best_single) else None
+        if who:
+            out[f"{who}_pixel_auroc"], out[f"{who}_pixel_aupro"] = row["pixel_auroc"], row["pixel_aupro"]
+    return out
+
+
 def pooled_comparison(rows: list[dict[str, Any]], replicates: list[np.ndarray], confidence: float) -> dict[str, Any]:
     """Mean over blocks of the per-block differences; its interval from the blocks' replicates
     averaged replicate by replicate (blocks resampled independently)."""
     usable = [r for r in replicates if len(r)]
     row = {"dataset": "all", "category": "mean over blocks", "seed": "", "n_test": sum(r["n_test"] for r in rows)}
     for key in ("ensemble_auroc", "best_single_auroc", "difference", "ensemble_aupr", "best_single_aupr",
-                "oracle_single_auroc"):
+                "oracle_single_auroc", *PIXEL_COLUMNS):
         values = [r[key] for r in rows if r.get(key) is not None]
         row[key] = float(np.mean(values)) if values else None
     if usable and len(usable) == len(rows):
@@ -231,9 +249,11 @@ def write_ensemble_report(run_dirs: Iterable[str | os.PathLike], out_dir: str | 
         row, reps = evaluation.comparison(n_boot, seed)
         if len(reps):
             row["ci_low"], row["ci_high"] = percentile_interval(reps, confidence)
+        block_maps = evaluation.map_rows(normalizations, fusions)
+        row.update(pixel_columns(block_maps, best_single[key]))
         comparison.append(row)
         replicates.append(reps)
-        map_rows += evaluation.map_rows(normalizations, fusions)
+        map_rows += block_maps
         scores.append(evaluation.scores_frame())
         rec.setdefault("notes", []).extend(f"{block.name()}: {n}" for n in evaluation.ensemble.notes
                                            if n.startswith("maps:"))
@@ -323,14 +343,15 @@ def _comparison_text(comparison: pd.DataFrame, confidence: float, n_boot: int) -
     if comparison.empty:
         return []
     columns = [*BLOCK, "ensemble", "best_single", "ensemble_auroc", "best_single_auroc", "difference", "ci_low",
-               "ci_high", "oracle_single", "oracle_single_auroc", "n_test"]
+               "ci_high", "oracle_single", "oracle_single_auroc", "ensemble_pixel_aupro", "best_single_pixel_aupro",
+               "n_test"]
     return ["## Recommended ensemble vs the best single model (test split)", "",
             f"`difference` = image AUROC of the ensemble minus that of the best single model of the category "
             f"(chosen on the fit split); `ci_low`/`ci_high`: {confidence:.0%} paired bootstrap interval ({n_boot} "
             "resamples of the test images, normal and anomalous images resampled separately, both models scored on "
             "the same resample). An interval that excludes 0 means the difference is unlikely to be resampling "
             "noise. The last row averages the blocks. `oracle_single`: the best single model picked on the test "
-            "split itself (optimistic, for reference).", "",
+            "split itself (optimistic, for reference). Pixel AUPRO as in the fused-map section below.", "",
             markdown_table(comparison, [c for c in columns if c in comparison.columns], digits=4)]
 
 
