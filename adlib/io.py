@@ -33,10 +33,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` (a previous
-    ``target`` is removed only after the new one is renamed into place). On error the temporary
-    folder is removed and the old ``target`` is left untouched."""
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary name and swap it onto ``target`` when the block ends
+    without error (a previous ``target`` is removed only after the new one is renamed into
+    place). On error the partial folder is removed and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

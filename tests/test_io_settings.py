@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from adlib.io import atomic_directory, atomic_path, read_json, sha256_file, write_json, write_text
+from adlib.io import atomic_path, read_json, sha256_file, staged_directory, write_json, write_text
 from adlib.settings import Settings
 
 
@@ -20,16 +20,16 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
 
 
-def test_atomic_directory_replaces_only_on_success(tmp_path):
+def test_staged_directory_replaces_only_on_success(tmp_path):
     target = tmp_path / "folder"
-    with atomic_directory(target) as tmp:
+    with staged_directory(target) as tmp:
         (tmp / "a.txt").write_text("1")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with staged_directory(target) as tmp:
             (tmp / "b.txt").write_text("2")
             raise RuntimeError("killed")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
-    with atomic_directory(target) as tmp:
+    with staged_directory(target) as tmp:
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]  # no temporary or old folders left

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from adlib import __version__, artifacts
 from adlib.ensemble.fitted import FittedEnsemble, fit_ensemble, fit_maps
 from adlib.ensemble.runs import (MemberRun, check_same_images, make_block, member_maps, members_frame)
-from adlib.io import atomic_directory, read_json, sha256_file, write_json
+from adlib.io import read_json, sha256_file, staged_directory, write_json
 
 FORMAT = "adlib-ensemble"
 VERSION = 1
@@ -101,7 +101,7 @@ def build_ensemble(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.Path
     record = {"format": FORMAT, "version": VERSION, "adlib_version": __version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "block": key,
               "members": [_member_record(m, out_dir) for m in members], "fitted": fitted.to_dict()}
-    with atomic_directory(out_dir) as tmp:
+    with staged_directory(out_dir) as tmp:
         write_json(tmp / ENSEMBLE_FILE, record)
     return out_dir
 
@@ -171,7 +171,7 @@ def build_recommended(recommendation: str | os.PathLike, run_dirs: Sequence[str 
         blocks.setdefault((ident["dataset"], ident["category"], ident["seed"]), {})[ident["model"]] = str(run_dir)
     index: dict[str, Any] = {"recommendation": {k: rec.get(k) for k in ("members", "normalization", "fusion")},
                              "ensembles": [], "skipped": []}
-    with atomic_directory(out_root) as tmp:
+    with staged_directory(out_root) as tmp:
         for (dataset, category, seed), runs in sorted(blocks.items()):
             name = f"{dataset}/{category}/{seed}"
             missing = [m for m in rec.get("members") or [] if m not in runs]
