@@ -138,7 +138,7 @@ def test_run_table():
     assert table.model_pattern(True) == ("|".join(maps) or "(?!)")
     assert table.model_pattern(False) == ("|".join(m for m in MODELS if m not in maps) or "(?!)")
     assert table.map_files() == [f"{r.run_dir}/maps.npz" for r in table.runs if r.model in maps]
-    assert table.category_manifests() == [f"results/prepared/syn/{c}/32/manifest.parquet" for c in ("widget", "gear")]
+    assert table.category_manifests() == [table.manifest_path("syn", c, 32) for c in ("widget", "gear")]
 
 
 def test_image_size_follows_the_registered_configuration_unless_overridden():
