@@ -311,7 +311,9 @@ def _recommendation_text(rec: Mapping[str, Any], metric: str, runs: Mapping[tupl
         parts.append("On the fit split it does **not** beat the best single model: unless the test comparison below "
                      "shows a real gain, deploy that model alone (`adlib predict RUN_DIR`).")
     image_only = sorted({r.label for r in runs.values() if r.label in rec["members"] and not r.produces_maps})
-    if image_only:
+    if len(image_only) == len(rec["members"]):
+        parts.append("No member produces anomaly maps: the ensemble scores whole images only.")
+    elif image_only:
         parts.append(f"{', '.join(image_only)} score{'s' if len(image_only) == 1 else ''} whole images only (no "
                      "anomaly maps): image-level fusion only; the fused maps come from the other members.")
     parts.append("The deployable ensemble per block is written by `adlib ensemble build` (the workflow's "
