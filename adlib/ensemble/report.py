@@ -364,14 +364,16 @@ def _maps_text(maps: pd.DataFrame, rec: Mapping[str, Any]) -> list[str]:
     overall = maps[maps["defect_type"] == "all"].groupby(["entry", "members", "normalization", "fusion"], sort=False)[
         ["pixel_auroc", "pixel_aupro", "image_auroc"]].mean().reset_index()
     main = maps[maps["entry"].isin(["ensemble", "single"])]
-    per_type = main.groupby(["defect_type", "entry", "members"], sort=False)[
-        ["pixel_auroc", "pixel_aupro", "image_auroc", "n_images"]].mean().reset_index()
+    per_type = main.groupby(["defect_type", "entry", "members"], sort=False).agg(
+        pixel_auroc=("pixel_auroc", "mean"), pixel_aupro=("pixel_aupro", "mean"), image_auroc=("image_auroc", "mean"),
+        n_images=("n_images", "sum")).reset_index()
     notes = [f"- {n}" for n in rec.get("notes", [])]
     return ["## Fused maps (test split)", "",
             "Each member's compact map is normalised with its reference normal maps (the fit split's normal images), "
             "resized to the largest member map and fused with the ensemble's rule; singles are measured at the same "
             "size (masks resized to it). Means over blocks:", "",
-            markdown_table(overall, digits=4), "### Per defect type (that type's images and every normal image)", "",
+            markdown_table(overall, digits=4),
+            "### Per defect type (that type's images and every normal image; `n_images` summed over blocks)", "",
             markdown_table(per_type, digits=4), *notes, ""]
 
 
