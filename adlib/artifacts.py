@@ -124,11 +124,17 @@ def write_scores(path: Path, frame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def write_maps(path: Path, maps: np.ndarray, image_paths: np.ndarray) -> None:
-    """maps.npz (``maps``, ``image_path``) deflated at level 1: 2.4x faster than
+def write_maps(path: Path, maps: np.ndarray, image_paths: np.ndarray, calibration_maps: np.ndarray | None = None,
+               calibration_image_paths: np.ndarray | None = None) -> None:
+    """maps.npz (``maps``, ``image_path`` of the test images, and ``calibration_maps``,
+    ``calibration_image_path`` when given) deflated at level 1: 2.4x faster than
     ``np.savez_compressed``'s level 6 for 2% more bytes on float16 maps."""
+    arrays = [("maps", maps), ("image_path", image_paths.astype(str))]
+    if calibration_maps is not None:
+        arrays += [("calibration_maps", calibration_maps),
+                   ("calibration_image_path", np.asarray(calibration_image_paths).astype(str))]
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for name, array in (("maps", maps), ("image_path", image_paths.astype(str))):
+        for name, array in arrays:
             with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
                 np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 

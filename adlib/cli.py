@@ -1,4 +1,4 @@
-"""The ``adlib`` command line: train, evaluate, predict, list-models, backbones.
+"""The ``adlib`` command line: train, evaluate, predict, ensemble, list-models, backbones.
 
 Importing this module and building its parser import neither torch nor any model, so
 ``adlib --help`` and ``adlib list-models`` answer at once. Every failure a user can cause ends in
@@ -114,10 +114,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from adlib.run import predict_images
+    from adlib.ensemble.artifact import is_ensemble_dir
 
-    table = predict_images(args.run_dir, args.images, _settings(args), out_csv=args.out,
-                           threshold_method=args.threshold_method, overlay_dir=args.overlays)
+    if is_ensemble_dir(args.run_dir):  # an `adlib ensemble build` directory predicts like one run
+        from adlib.ensemble.predict import predict_ensemble as predict
+    else:
+        from adlib.run import predict_images as predict
+    table = predict(args.run_dir, args.images, _settings(args), out_csv=args.out,
+                    threshold_method=args.threshold_method, overlay_dir=args.overlays)
     print(f"{len(table)} images scored, {int(table['anomalous'].sum())} anomalous -> {args.out}")
     return 0
 
@@ -221,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="score new images with a trained run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("predict", help="score new images with a trained run or an ensemble directory")
+    p.add_argument("run_dir", help="a run folder, or an ensemble folder from `adlib ensemble build` (it also "
+                                   "writes the fused maps beside --out, <stem>.maps.npz)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", default="scores.csv", help="CSV of scores and decisions (default scores.csv)")
     p.add_argument("--threshold-method", default="f1_percentile",
@@ -241,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list_models)
 
     from adlib.backbones.cli import add_backbone_commands
+    from adlib.ensemble.cli import add_ensemble_commands
 
+    add_ensemble_commands(sub)
     add_backbone_commands(sub)
     return parser
 

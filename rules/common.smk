@@ -61,12 +61,18 @@ ENSEMBLE_OUTPUTS = [
     P.ensemble(name)
     for name in (
         "candidates.csv",
-        "correlation.csv",
-        "correlation.png",
+        "diversity.csv",
+        "diversity.png",
         "fusion_results.csv",
         "fusion_summary.csv",
+        "weights.csv",
+        "map_metrics.csv",
+        "comparison.csv",
+        "recommended_scores.parquet",
+        "recommendation.json",
         "ensemble.md",
         "ensemble.html",
+        "artifacts",
     )
 ]
 REPORT_OUTPUTS = [P.report("index.html")]

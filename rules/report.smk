@@ -9,7 +9,7 @@ rule report:
         cost=P.aggregate("cost.png"),
         thresholds=P.aggregate("thresholds.md"),
         ensemble=P.ensemble("ensemble.md"),
-        correlation=P.ensemble("correlation.png"),  # embedded via ensemble.md
+        diversity=P.ensemble("diversity.png"),  # embedded via ensemble.md
     output:
         html=report(
             P.report("index.html"),

@@ -1,12 +1,13 @@
-"""Rule ensemble: candidates by mean rank, score correlation, score-level fusion report."""
+"""Rule ensemble: the ensemble report, chosen on the calibration split."""
 from pathlib import Path
 
-from adlib.reporting.ensemble import write_ensemble_report
+from adlib.ensemble.report import write_ensemble_report
 from adlib.workflow import job_context
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 with job_context(sm.log[0]):
-    write_ensemble_report(sm.input.leaderboard, [Path(p).parent for p in sm.input.scores],
-                          Path(sm.output.md).parent, top_k=sm.params.top_k,
+    write_ensemble_report([Path(p).parent for p in sm.input.scores], Path(sm.output.md).parent,
+                          manifests=sm.input.manifests, top_k=sm.params.top_k,
                           normalizations=sm.params.normalizations, fusions=sm.params.fusions,
-                          metric=sm.params.metric)
+                          metric=sm.params.metric, n_boot=sm.params.bootstrap, confidence=sm.params.confidence,
+                          seed=sm.params.seed)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from adlib.io import atomic_path, read_json, sha256_file, write_json, write_text
+from adlib.io import atomic_path, read_json, sha256_file, staged_directory, write_json, write_text
 from adlib.settings import Settings
 
 
@@ -18,6 +18,21 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
             raise RuntimeError("killed")
     assert read_json(target) == {"a": 1}
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_staged_directory_replaces_only_on_success(tmp_path):
+    target = tmp_path / "folder"
+    with staged_directory(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with staged_directory(target) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with staged_directory(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]  # no temporary or old folders left
 
 
 def test_atomic_path_keeps_suffix_for_format_sniffing_writers(tmp_path):

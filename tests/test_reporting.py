@@ -220,14 +220,14 @@ def test_threshold_notes_for_runs_without_anomalies(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- summary page
 def test_summary_report_page(grid, tmp_path):
-    from adlib.reporting.ensemble import write_ensemble_report
+    from adlib.ensemble.report import write_ensemble_report
 
     out = tmp_path / "agg"
     write_leaderboard(grid, out / "lb.csv", out / "lb.parquet", out / "s.csv", out / "r.csv")
     write_statistics(out / "lb.parquet", grid, out / "stats.json", out / "cd.png", out / "ci.csv", n_boot=100)
     write_cost_view(out / "lb.parquet", out / "cost.csv", out / "cost.png")
     write_threshold_analysis(grid, out / "t.csv", out / "t.parquet", out / "t.md")
-    write_ensemble_report(out / "lb.parquet", grid, tmp_path / "ens", top_k=3)
+    write_ensemble_report(grid, tmp_path / "ens", top_k=3, n_boot=100)
     page = write_summary_report(tmp_path / "index.html", summary_csv=out / "s.csv", statistics_json=out / "stats.json",
                                 cd_png=out / "cd.png", cost_png=out / "cost.png", thresholds_md=out / "t.md",
                                 ensemble_md=tmp_path / "ens" / "ensemble.md")

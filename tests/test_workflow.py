@@ -39,7 +39,8 @@ def test_defaults_are_filled_and_model_names_normalised():
     assert cfg["seeds"] == [0] and cfg["img_size"] is None and cfg["pretrained"] is True
     assert cfg["results"] == "results"
     assert cfg["calibration"] == {"method": "test", "fraction": 0.2} and cfg["data_seed"] == 0
-    assert cfg["ensemble"] == {"top_k": 3, "normalizations": ["zscore", "minmax", "rank"], "fusions": ["mean", "max"]}
+    assert cfg["ensemble"] == {"top_k": 3, "normalizations": ["zscore", "minmax", "rank"],
+                               "fusions": ["mean", "max", "weighted"], "selection_metric": "image_auroc"}
     assert cfg["report"]["rank_metric"] == "image_auroc" and cfg["report"]["bootstrap"] == 1000
     assert cfg["models"][0] == {"name": MODELS[0], "label": MODELS[0], "overrides": {}}
     assert cfg["datasets"][0]["options"] == {}
@@ -158,6 +159,8 @@ def test_run_table():
     maps = [m for m in MODELS if get_spec(m).cls.produces_maps]
     assert table.model_pattern(True) == ("|".join(maps) or "(?!)")
     assert table.model_pattern(False) == ("|".join(m for m in MODELS if m not in maps) or "(?!)")
+    assert table.map_files() == [f"{r.run_dir}/maps.npz" for r in table.runs if r.model in maps]
+    assert table.category_manifests() == [table.manifest_path("syn", c, 32) for c in ("widget", "gear")]
 
 
 def test_image_size_follows_the_registered_configuration_unless_overridden():

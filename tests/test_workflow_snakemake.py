@@ -24,7 +24,8 @@ from adlib.data.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = ("Snakefile", "rules", "scripts", "report", "profiles", "envs", "config/schema.yaml")
-AGGREGATE_RULES = {"leaderboard", "statistics", "cost", "thresholds", "ensemble", "report", "all"}
+AGGREGATE_RULES = {"leaderboard", "statistics", "cost", "thresholds", "ensemble", "ensemble_artifacts", "report",
+                   "all"}
 #: one model with anomaly maps, one scoring whole images only (the two evaluate rules)
 MAPS_MODEL, IMAGE_MODEL = "padim", "dfkde"
 

@@ -4,7 +4,7 @@
 * :mod:`adlib.reporting.stats`: Friedman test, Nemenyi critical difference diagram, bootstrap CIs;
 * :mod:`adlib.reporting.cost`: accuracy against inference and fit cost, Pareto front;
 * :mod:`adlib.reporting.thresholds_summary`: the four threshold methods (and models' own rules) across runs;
-* :mod:`adlib.reporting.ensemble`: ensemble candidates, score correlation, score-level fusion;
+* the ensemble report lives in :mod:`adlib.ensemble.report` (selection, fusion, deployable ensembles);
 * :mod:`adlib.reporting.summary`: one self-contained HTML page; :mod:`adlib.reporting.html`: renderers.
 
 Each module has one ``write_*`` entry point that the workflow's script adapters call.

@@ -136,8 +136,6 @@ def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, 
     classes. AUROC is the Mann-Whitney statistic (ties count one half). Returns ``None`` values
     with a note when a class is missing.
     """
-    from scipy.stats import rankdata
-
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
     pos, neg = scores[labels == 1], scores[labels == 0]
     out: dict[str, Any] = {"auroc": None, "ci_low": None, "ci_high": None, "n_boot": int(n_boot),
@@ -145,24 +143,58 @@ def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, 
     if len(pos) == 0 or len(neg) == 0:
         out["note"] = "AUROC needs normal and anomalous test images"
         return out
-
-    def auroc(p: np.ndarray, q: np.ndarray) -> np.ndarray:  # rows are resamples
-        both = np.concatenate([p, q], axis=1)
-        ranks = rankdata(both, axis=1, method="average")[:, : p.shape[1]]
-        n1, n0 = p.shape[1], q.shape[1]
-        return (ranks.sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
-
     rng = np.random.default_rng(seed)
     stats = []
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
-        stats.append(auroc(pos[rng.integers(0, len(pos), (b, len(pos)))],
-                           neg[rng.integers(0, len(neg), (b, len(neg)))]))
-    values = np.concatenate(stats)
-    tail = (1.0 - confidence) / 2.0
-    out.update(auroc=float(auroc(pos[None], neg[None])[0]),
-               ci_low=float(np.quantile(values, tail)), ci_high=float(np.quantile(values, 1.0 - tail)))
+        stats.append(_auroc_rows(pos[rng.integers(0, len(pos), (b, len(pos)))],
+                                 neg[rng.integers(0, len(neg), (b, len(neg)))]))
+    low, high = percentile_interval(np.concatenate(stats), confidence)
+    out.update(auroc=float(_auroc_rows(pos[None], neg[None])[0]), ci_low=low, ci_high=high)
     return out
+
+
+def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """AUROC (Mann-Whitney, ties count one half) of every row: anomalous ``pos`` vs normal ``neg``."""
+    from scipy.stats import rankdata
+
+    both = np.concatenate([pos, neg], axis=1)
+    ranks = rankdata(both, axis=1, method="average")[:, : pos.shape[1]]
+    n1, n0 = pos.shape[1], neg.shape[1]
+    return (ranks.sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+
+
+def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap replicates (percentile method)."""
+    tail = (1.0 - confidence) / 2.0
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
+
+
+def paired_bootstrap_auroc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                                      n_boot: int = 1000, seed: int = 0, chunk: int = 256) -> dict[str, Any]:
+    """AUROC(a) - AUROC(b) on the same images, and its bootstrap replicates.
+
+    Paired: each replicate resamples images (normals and anomalies separately, as
+    :func:`bootstrap_auroc`) and scores both a and b on that same resample, so the interval
+    reflects the difference, not the two AUROCs' own spread. Returns ``{"auroc_a", "auroc_b",
+    "difference", "replicates"}`` (``None`` values and no replicates when a class is missing).
+    """
+    labels = np.asarray(labels).astype(int)
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        return {"auroc_a": None, "auroc_b": None, "difference": None, "replicates": np.empty(0)}
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        p = pos[rng.integers(0, len(pos), (size, len(pos)))]
+        q = neg[rng.integers(0, len(neg), (size, len(neg)))]
+        replicates.append(_auroc_rows(a[p], a[q]) - _auroc_rows(b[p], b[q]))
+    auroc_a = float(_auroc_rows(a[pos][None], a[neg][None])[0])
+    auroc_b = float(_auroc_rows(b[pos][None], b[neg][None])[0])
+    return {"auroc_a": auroc_a, "auroc_b": auroc_b, "difference": auroc_a - auroc_b,
+            "replicates": np.concatenate(replicates)}
 
 
 def bootstrap_table(run_dirs: Iterable[str | os.PathLike], n_boot: int = 1000, seed: int = 0,

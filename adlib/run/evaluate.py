@@ -60,7 +60,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress,
                         defect_types=test_df["defect_type"].astype(str).tolist())
 
-    calib_scores = calib_labels = None
+    calib = calib_scores = calib_labels = None
     reference = (None, "test normal images")  # normal maps the overlays' colour scale comes from
     calib_df = split_of(manifest, "calibration")
     if calibration == "calibration":
@@ -118,8 +118,10 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     stage.mkdir(mode=dir_mode())
     try:
         artifacts.write_scores(stage / artifacts.SCORES, scores)
-        if test.maps is not None:
-            artifacts.write_maps(stage / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
+        if test.maps is not None:  # calibration maps too: ensembles normalise maps with calibration normals
+            calib_maps = calib.maps if calib is not None else None
+            artifacts.write_maps(stage / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy(), calib_maps,
+                                 calib_df["image_path"].to_numpy() if calib_maps is not None else None)
         write_pictures(stage, title, test_df, test, metrics, loader.dataset, *reference)
         write_json(stage / artifacts.METRICS, metrics)
         publish_staged(stage, run_dir, last=artifacts.METRICS)

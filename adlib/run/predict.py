@@ -45,11 +45,20 @@ def decision_threshold(metrics: dict, method: str) -> float:
     return found[2]
 
 
+def prediction_dataset(paths: list[Path], config: dict):
+    """New images as a data set at a run's input size (labels are unknown: 0 is a placeholder
+    the scoring never reads)."""
+    from adlib.data import ImageDataset
+    from adlib.data.manifest import make_manifest, manifest_row
+
+    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
+    return ImageDataset(manifest, int(config["train"]["img_size"]), center_crop=config["train"].get("center_crop"),
+                        normalize=False)
+
+
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
                    threshold_method: str = "f1_percentile", overlay_dir: str | Path | None = None) -> pd.DataFrame:
     """Score new images with a saved run; write a CSV of scores and decisions (and overlays)."""
-    from adlib.data import ImageDataset
-    from adlib.data.manifest import make_manifest, manifest_row
     from adlib.evaluation.plots import plot_overlay
 
     run_dir = Path(run_dir)
@@ -66,16 +75,12 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
         raise ValueError(f"{config['name']} has no {threshold_method!r} decision rule (only U-Flow has 'nfa'); "
                          "choose another --threshold-method, e.g. percentile_95")
     threshold = 0.0 if own_rule else decision_threshold(metrics, threshold_method)
-    paths = collect_images(images)
-    # labels are unknown for new images; 0 is a placeholder the scoring never reads
-    manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
-    size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
-    dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
+    dataset = prediction_dataset(collect_images(images), config)
     loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)
     statistic = scored.decision if own_rule else scored.scores
-    table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
+    table = pd.DataFrame({"image_path": dataset.manifest["image_path"], "score": scored.scores,
                           "threshold": threshold, "threshold_method": threshold_method,
                           "anomalous": statistic >= threshold})
     if own_rule:

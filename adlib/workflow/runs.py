@@ -126,6 +126,17 @@ class RunTable:
         """A file every evaluation writes (metrics.json, scores.parquet), one per run."""
         return [f"{r.run_dir}/{name}" for r in self.runs]
 
+    def map_files(self) -> list[str]:
+        """maps.npz of every run whose model produces anomaly maps."""
+        return [f"{r.run_dir}/maps.npz" for r in self.runs if self.produces_maps(r.model)]
+
+    def category_manifests(self) -> list[str]:
+        """One prepared manifest per data set x category (the masks of the ensemble's fused maps)."""
+        first = {}
+        for run in self.runs:
+            first.setdefault((run.dataset, run.category), self.manifest_path(run.dataset, run.category, run.img_size))
+        return list(first.values())
+
     def train_files(self, name: str) -> list[str]:
         """A file every training writes (config.json, fit.json ...), one per train job."""
         return list(dict.fromkeys(f"{r.train_dir}/{name}" for r in self.runs))
