@@ -19,6 +19,9 @@ _MODEL_MODULES = (
     "fastflow",
     "draem",
     "autoencoder",
+    "ganomaly",
+    "dsr",
+    "cfa",
 )
 
 
