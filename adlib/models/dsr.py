@@ -157,6 +157,8 @@ class Dsr(AnomalyModel):
     frozen_modules = ("general",)
     #: input sides must be multiples of this (lo grid at 1/8, pooled twice more by the restriction network)
     size_multiple = 32
+    #: smallest side: the restriction network's deepest map must have more than one position
+    min_side = 64
 
     def __init__(self, num_embeddings: int = 4096, embedding_dim: int = 128, hidden: int = 128,
                  residual_layers: int = 2, residual_hidden: int = 64, restriction_width: int = 128,
@@ -203,6 +205,13 @@ class Dsr(AnomalyModel):
 
     def provenance(self) -> dict:
         return {"dsr_general_appearance_model": dict(self.general_provenance)}
+
+    def check_input_size(self, images: torch.Tensor | tuple[int, int]) -> None:
+        super().check_input_size(images)
+        h, w = images.shape[-2:] if isinstance(images, torch.Tensor) else images
+        if min(h, w) < self.min_side:
+            raise ValueError(f"DSR needs image sides of at least {self.min_side} px (its lo features are pooled to "
+                             f"1/32 of the side); got {h}x{w}")
 
     # ----- shared forward pieces ----------------------------------------------------------------
     def object_image(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
