@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib.models.base import AnomalyModel, AnomalyOutput, FitContext, OptimizerSpec, Step, TrainBatch
+from adlib.models.components import blocks
 from adlib.models.components.focal_loss import focal_loss
 from adlib.models.components.init import normal_init_
 from adlib.models.components.kmeans import squared_distances
@@ -53,15 +54,12 @@ COLOUR_OPACITY = (0.2, 1.0)
 
 def conv_block(c_in: int, c_out: int, c_mid: int | None = None) -> nn.Sequential:
     """conv3x3-InstanceNorm-ReLU twice."""
-    c_mid = c_out if c_mid is None else c_mid
-    return nn.Sequential(nn.Conv2d(c_in, c_mid, 3, padding=1), nn.InstanceNorm2d(c_mid), nn.ReLU(inplace=True),
-                         nn.Conv2d(c_mid, c_out, 3, padding=1), nn.InstanceNorm2d(c_out), nn.ReLU(inplace=True))
+    return blocks.conv_block(c_in, c_out, c_mid, norm=nn.InstanceNorm2d)
 
 
 def up_block(c_in: int, c_out: int) -> nn.Sequential:
     """Bilinear x2 upsampling, then conv3x3-InstanceNorm-ReLU."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                         nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out), nn.ReLU(inplace=True))
+    return blocks.up_block(c_in, c_out, norm=nn.InstanceNorm2d)
 
 
 class RestrictionNetwork(nn.Module):
@@ -81,27 +79,12 @@ class RestrictionNetwork(nn.Module):
         return self.decoder(x)
 
 
-class UNet(nn.Module):
-    """Encoder (widths w, 2w, 4w, 4w; three poolings) and decoder with skip connections."""
-
-    def __init__(self, in_channels: int, out_channels: int, width: int) -> None:
-        super().__init__()
-        w = width
-        self.down = nn.ModuleList([conv_block(in_channels, w), conv_block(w, 2 * w), conv_block(2 * w, 4 * w),
-                                   conv_block(4 * w, 4 * w)])
-        self.ups = nn.ModuleList([up_block(4 * w, 4 * w), up_block(4 * w, 2 * w), up_block(2 * w, w)])
-        self.merges = nn.ModuleList([conv_block(8 * w, 4 * w), conv_block(4 * w, 2 * w), conv_block(2 * w, w)])
-        self.head = nn.Conv2d(w, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, merge in zip(self.ups, self.merges):
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+def unet(in_channels: int, out_channels: int, width: int) -> blocks.UNet:
+    """The detection and upsampling modules' U-Net: widths w, 2w, 4w, 4w (three poolings),
+    InstanceNorm, skip connections."""
+    w = width
+    return blocks.UNet(in_channels, out_channels, (w, 2 * w, 4 * w, 4 * w), (4 * w, 2 * w, w), norm=nn.InstanceNorm2d,
+                       up_to_decoder_width=True)
 
 
 class ObjectDecoder(nn.Module):
@@ -188,8 +171,8 @@ class Dsr(AnomalyModel):
         self.restrict_lo = RestrictionNetwork(d, int(restriction_width))
         self.object_decoder = normal_init_(ObjectDecoder(2 * d, int(hidden), int(residual_hidden),
                                                          int(residual_layers), int(decoder_bottleneck)))
-        self.detector = normal_init_(UNet(6, 2, int(detector_width)))
-        self.upsampler = UNet(8, 2, int(detector_width))
+        self.detector = normal_init_(unet(6, 2, int(detector_width)))
+        self.upsampler = unet(8, 2, int(detector_width))
         self.strength, self.skip_fraction = float(latent_anomaly_strength), float(skip_nearest_fraction)
         self.anomaly_probability = float(anomaly_probability)
         self.image_loss_weight, self.focal_gamma = float(image_loss_weight), float(focal_gamma)

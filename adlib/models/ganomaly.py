@@ -149,7 +149,7 @@ class Ganomaly(AnomalyModel):
         """Re-initialise the discriminator when its last loss fell below the threshold (it has
         won: its gradients would vanish for the generator). Returns 1.0 when it did."""
         last, self._last_d_loss = self._last_d_loss, None
-        if last is None or float(last) >= self.d_reset_threshold:
+        if not self.training or last is None or float(last) >= self.d_reset_threshold:
             return torch.zeros(())
         seed = (self.fit_context.seed if self.fit_context is not None else 0) * 100003 + step.index
         normal_init_(self.discriminator, generator=torch.Generator().manual_seed(seed))
@@ -169,7 +169,8 @@ class Ganomaly(AnomalyModel):
         fake_logit, _ = self.discriminator(fake.detach())
         d_loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logit.float(), torch.ones_like(real_logit.float()))
                         + F.binary_cross_entropy_with_logits(fake_logit.float(), torch.zeros_like(fake_logit.float())))
-        self._last_d_loss = d_loss.detach()
+        if self.training:  # not a validation loss (eval mode)
+            self._last_d_loss = d_loss.detach()
         return {"g_loss": g_loss, "d_loss": d_loss, "loss": g_loss.detach(), "adv": adv.detach(),
                 "con": con.detach(), "enc": enc.detach(), "d_reset": reset}
 
