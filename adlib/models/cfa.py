@@ -117,7 +117,7 @@ class Cfa(AnomalyModel):
         phi = self.describe(images)
         b, _, h, w = phi.shape
         count = min(self.k, self.memory.shape[0])
-        nearest = self._memory_distances(phi).sqrt().topk(count, dim=1, largest=False).values  # [N, K]
+        nearest = self._memory_distances(phi).topk(count, dim=1, largest=False).values.sqrt()  # [N, K]
         weighted = F.softmin(nearest, dim=1)[:, 0] * nearest[:, 0]
         maps = upsample_map(weighted.view(b, h, w), images.shape[-2:])
         maps = gaussian_blur2d(maps, self.blur_sigma)
