@@ -161,7 +161,8 @@ def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--img-size", type=int, default=d.img_size, help=f"side of the random crops (default {d.img_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-embeddings", type=int, default=d.num_embeddings, help=f"codebook size (default {d.num_embeddings})")
+    p.add_argument("--num-embeddings", type=int, default=d.num_embeddings,
+                   help=f"codebook size (default {d.num_embeddings})")
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"default {d.embedding_dim}")
     p.add_argument("--hidden", type=int, default=d.hidden, help=f"default {d.hidden}")
     p.add_argument("--residual-hidden", type=int, default=d.residual_hidden, help=f"default {d.residual_hidden}")
