@@ -21,8 +21,9 @@ def test_model_trains_predicts_and_round_trips(name, tmp_path):
     config = resolve_config(name, **overrides)
     model = build_model(config, pretrained=False)
     size = int(config.train["img_size"])
+    validation = normal_images(4, size, seed=5) if config.train["validation_fraction"] else None
     report = fit_on(model, normal_images(8, size), batch_size=int(config.train["batch_size"]),
-                    num_epochs=config.train["num_epochs"], max_steps=config.train["max_steps"])
+                    num_epochs=config.train["num_epochs"], max_steps=config.train["max_steps"], validation=validation)
     assert all(v == v for v in report.loss_history)  # no NaN
 
     test = torch.cat([normal_images(2, size, seed=9), with_defect(normal_images(1, size, seed=9))])

@@ -140,7 +140,8 @@ _ENTRIES = [
           aliases=("deit_base_distilled_patch16_384-d0272ac0.pth",), used_by=("fastflow",)),
     *(_dinov2(size, size[0], reg) for reg in (False, True) for size in ("small", "base", "large")),
     _teacher("small"), _teacher("medium"),
-    CatalogEntry("dsr_vq_model", "DSR discrete latent (VQ-VAE) model pretrained on ImageNet (anomalib release)",
+    CatalogEntry("dsr_vq_model", "DSR general appearance (VQ-VAE) model: the authors' ImageNet model (anomalib "
+                 "release), or one trained offline with `adlib backbones train-dsr-vq`",
                  f"curl -LO {_DSR_URL} && unzip -o dsr_vq_model_pretrained.zip && "
                  "cp vq_model_pretrained_128_4096.pckl dsr_vq_model.pckl",
                  "dsr_vq_model.pckl", aliases=("vq_model_pretrained_128_4096.pckl", "dsr/vq_model_pretrained_128_4096.pckl"),

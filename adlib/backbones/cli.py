@@ -1,4 +1,4 @@
-"""`adlib backbones list|verify|checksum|where` (argparse sub-commands for the main CLI).
+"""`adlib backbones list|verify|checksum|where|train-dsr-vq` (argparse sub-commands for the main CLI).
 
 The main CLI calls :func:`add_backbone_commands` on its sub-parsers; each command sets
 ``func(args) -> exit code``. ``python -m adlib.backbones.cli ...`` runs them stand-alone.
@@ -88,9 +88,33 @@ def cmd_where(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dsr_vq(args: argparse.Namespace) -> int:
+    from adlib.backbones.dsr_vq import DSR_VQ_FILE
+    from adlib.backbones.dsr_vq_training import VqTrainingConfig, train_general_appearance
+
+    config = VqTrainingConfig(steps=args.steps, batch_size=args.batch_size, img_size=args.img_size, lr=args.lr,
+                              seed=args.seed, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
+                              hidden=args.hidden, residual_hidden=args.residual_hidden,
+                              residual_layers=args.residual_layers)
+    out = Path(args.out) if args.out else _backbone_dir(args) / DSR_VQ_FILE
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = train_general_appearance(args.images, out, config, checkpoint=args.checkpoint,
+                                      checkpoint_every=args.checkpoint_every, fresh=args.fresh, device=device,
+                                      progress=not args.quiet)
+    resumed = f" (resumed from step {record['resumed_from_step']})" if record["resumed_from_step"] else ""
+    print(f"wrote {out}{resumed}: {record['steps']} steps on {record['num_images']} images, "
+          f"final loss {record['final'].get('loss', float('nan')):.4f}; provenance {out.with_suffix('.json')}")
+    return 0
+
+
 def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``backbones`` with list / verify / checksum / where to a parser's sub-parsers."""
-    parser = subparsers.add_parser("backbones", help="offline backbone weights: list, verify, checksum, where",
+    """Add ``backbones`` with list / verify / checksum / where / train-dsr-vq to a parser's sub-parsers."""
+    parser = subparsers.add_parser("backbones", help="offline backbone weights: list, verify, checksum, where, "
+                                                     "train-dsr-vq",
                                    description="Offline backbone weights (nothing is ever downloaded).")
     sub = parser.add_subparsers(dest="backbones_command", required=True, metavar="COMMAND")
 
@@ -120,6 +144,35 @@ def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     common(p)
     p.add_argument("name", help="timm name or catalog name, e.g. wide_resnet50_2")
     p.set_defaults(func=cmd_where)
+
+    from adlib.backbones.dsr_vq_training import VqTrainingConfig
+
+    d = VqTrainingConfig()
+    p = sub.add_parser("train-dsr-vq", help="train DSR's general appearance (VQ) model on a folder of images",
+                       description="DSR's stage 1 offline: train the vector-quantised general appearance model on "
+                                   "any folder of natural or normal images; writes <backbone-dir>/"
+                                   "dsr_vq_model.safetensors (found by dsr) and a .json provenance record. "
+                                   "Resumes from its checkpoint when run again with the same settings.")
+    common(p)
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", default=None, help="output .safetensors (default <backbone-dir>/dsr_vq_model.safetensors)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--img-size", type=int, default=d.img_size, help=f"side of the random crops (default {d.img_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-embeddings", type=int, default=d.num_embeddings,
+                   help=f"codebook size (default {d.num_embeddings})")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"default {d.embedding_dim}")
+    p.add_argument("--hidden", type=int, default=d.hidden, help=f"default {d.hidden}")
+    p.add_argument("--residual-hidden", type=int, default=d.residual_hidden, help=f"default {d.residual_hidden}")
+    p.add_argument("--residual-layers", type=int, default=d.residual_layers, help=f"default {d.residual_layers}")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default <out>.checkpoint.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_dsr_vq)
     return parser
 
 

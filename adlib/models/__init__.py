@@ -22,6 +22,9 @@ _MODEL_MODULES = (
     "cflow",
     "csflow",
     "uflow",
+    "ganomaly",
+    "dsr",
+    "cfa",
 )
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adlib.models.base import AnomalyModel, AnomalyOutput, AuxStream, FitContext, OptimizerSpec, Step, TrainBatch
+from adlib.models.components.blocks import UNet, conv_block, up_block
 from adlib.models.components.focal_loss import focal_loss
 from adlib.models.components.maps import max_score
 from adlib.models.components.sspcab import SSPCAB, sspcab_loss
@@ -36,19 +37,6 @@ from adlib.models.components.synthesis import AnomalySynthesizer
 from adlib.models.registry import ModelSpec, TrainDefaults, register
 
 TEXTURE_FALLBACKS = ("procedural", "error")
-
-
-def double_conv(c_in: int, c_out: int, c_mid: int | None = None) -> nn.Sequential:
-    """conv3x3-BN-ReLU twice."""
-    c_mid = c_out if c_mid is None else c_mid
-    return nn.Sequential(nn.Conv2d(c_in, c_mid, 3, padding=1), nn.BatchNorm2d(c_mid), nn.ReLU(inplace=True),
-                         nn.Conv2d(c_mid, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-def up_conv(c_in: int, c_out: int) -> nn.Sequential:
-    """Bilinear x2 upsampling, then conv3x3-BN-ReLU."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                         nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class ReconstructiveNetwork(nn.Module):
@@ -63,13 +51,13 @@ class ReconstructiveNetwork(nn.Module):
         super().__init__()
         w = base_width
         widths = (w, 2 * w, 4 * w, 8 * w)
-        self.down = nn.ModuleList(double_conv(c_in, c_out) for c_in, c_out in zip((in_channels,) + widths[:-1], widths))
-        self.bottleneck = SSPCAB(8 * w) if sspcab else double_conv(8 * w, 8 * w)
+        self.down = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip((in_channels,) + widths[:-1], widths))
+        self.bottleneck = SSPCAB(8 * w) if sspcab else conv_block(8 * w, 8 * w)
         self.use_sspcab = sspcab
         ups, blocks = [], []
         for c_in, c_out in ((8 * w, 4 * w), (4 * w, 2 * w), (2 * w, w), (w, w)):
-            ups.append(up_conv(c_in, c_in))
-            blocks.append(double_conv(c_in, c_out, c_mid=c_in))
+            ups.append(up_block(c_in, c_in))
+            blocks.append(conv_block(c_in, c_out, c_mid=c_in))
         self.ups, self.up_blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
         self.head = nn.Conv2d(w, out_channels, 3, padding=1)
 
@@ -84,32 +72,12 @@ class ReconstructiveNetwork(nn.Module):
         return self.head(x), pair
 
 
-class DiscriminativeNetwork(nn.Module):
+class DiscriminativeNetwork(UNet):
     """U-Net: 6 encoder stages (widths c, 2c, 4c, 8c, 8c, 8c; 5 poolings), decoder with skip connections."""
 
     def __init__(self, in_channels: int = 6, out_channels: int = 2, base_width: int = 64) -> None:
-        super().__init__()
         c = base_width
-        widths = (c, 2 * c, 4 * c, 8 * c, 8 * c, 8 * c)
-        self.down = nn.ModuleList(double_conv(c_in, c_out) for c_in, c_out in zip((in_channels,) + widths[:-1], widths))
-        ups, blocks = [], []
-        deeper = widths[-1]
-        for skip, c_out in zip(widths[-2::-1], (8 * c, 4 * c, 2 * c, c, c)):
-            ups.append(up_conv(deeper, deeper))
-            blocks.append(double_conv(deeper + skip, c_out))
-            deeper = c_out
-        self.ups, self.up_blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
-        self.head = nn.Conv2d(c, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, block in zip(self.ups, self.up_blocks):
-            x = block(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        super().__init__(in_channels, out_channels, (c, 2 * c, 4 * c, 8 * c, 8 * c, 8 * c), (8 * c, 4 * c, 2 * c, c, c))
 
 
 class Draem(AnomalyModel):

@@ -25,6 +25,10 @@ SCOPES = ("category", "dataset")
 TRAIN_LABELS = ("normal", "labelled")
 #: constructor arguments that are run-time facts, not part of a configuration
 RUNTIME_ARGS = ("pretrained", "backbone_dir")
+#: training values a constructor may also take (filled in from the configuration, not model keys):
+#: ``img_size`` is the side the model sees (``center_crop`` when set), for networks whose layers
+#: depend on it (GANomaly's DCGAN pyramid)
+CONFIG_ARGS = ("img_size",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +65,7 @@ def signature_defaults(cls: type) -> dict[str, Any]:
     """The model keys of ``cls`` and their defaults, read from its ``__init__`` signature."""
     out = {}
     for param in inspect.signature(cls.__init__).parameters.values():
-        if param.name == "self" or param.name in RUNTIME_ARGS or param.kind in (param.VAR_POSITIONAL,
+        if param.name == "self" or param.name in RUNTIME_ARGS + CONFIG_ARGS or param.kind in (param.VAR_POSITIONAL,
                                                                                 param.VAR_KEYWORD):
             continue
         if param.default is inspect.Parameter.empty:
@@ -216,11 +220,14 @@ def build_model(config: ResolvedConfig, *, pretrained: bool = True, backbone_dir
     """Instantiate the module of a resolved configuration.
 
     ``pretrained`` and ``backbone_dir`` say where frozen weights come from; they are run-time
-    facts, not part of the saved configuration (passed only to classes that take them).
+    facts, not part of the saved configuration. ``img_size`` (the side the model sees) comes from
+    the training values. Each is passed only to classes that take it.
     """
     spec = get_spec(config.name)
     accepted = inspect.signature(spec.cls.__init__).parameters
-    runtime = {k: v for k, v in (("pretrained", pretrained), ("backbone_dir", backbone_dir)) if k in accepted}
+    side = int(config.train.get("center_crop") or config.train.get("img_size") or 256)
+    runtime = {k: v for k, v in (("pretrained", pretrained), ("backbone_dir", backbone_dir), ("img_size", side))
+               if k in accepted}
     model = spec.cls(**config.model, **runtime)
     model.config = config
     return model

@@ -28,6 +28,10 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
     "uflow": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
               "coarse_backbone_kwargs": {"img_size": 16, "depth": 2}, "coarse_vit_block": 1, "flow_steps": 2},
     "uflow-resnet18": {"flow_steps": 2},
+    "ganomaly": {"n_features": 4, "latent_dim": 8},
+    "dsr": {"num_embeddings": 16, "embedding_dim": 8, "hidden": 8, "residual_hidden": 4, "residual_layers": 1,
+            "restriction_width": 4, "detector_width": 4, "decoder_bottleneck": 4},
+    "cfa": {"center_crop": None},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}

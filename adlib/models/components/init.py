@@ -23,3 +23,18 @@ def reinitialize_(module: nn.Module, seed: int) -> nn.Module:
             elif m is not module and hasattr(m, "reset_parameters") and not list(m.children()):
                 m.reset_parameters()
     return module
+
+
+def normal_init_(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
+    """DCGAN-style initialisation (Radford et al., ICLR 2016), as GANomaly's and DSR's code use:
+    (transposed) convolution weights ``N(0, std)``, batch-norm scales ``N(1, std)`` and shifts 0
+    with fresh running statistics; biases and other layers are left as they are."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(1.0 + torch.randn(m.weight.shape, generator=generator) * std)
+                m.bias.zero_()
+                m.reset_running_stats()
+    return module

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from adlib.models.components.perlin import perlin_noise, random_perlin_mask, rotate_map
 
+FILLS = ("texture", "colour")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -158,12 +159,28 @@ def augment_texture(texture: torch.Tensor, gen: torch.Generator, count: int = 3)
 
 # ----- synthesis ------------------------------------------------------------------------------
 class AnomalySynthesizer:
-    """Turns a batch of normal images into (augmented images, masks) following DRAEM."""
+    """Turns a batch of normal images into (augmented images, masks) following DRAEM.
 
-    def __init__(self, seed: int = 0, p_anomalous: float = 0.5, beta_max: float = 0.8) -> None:
+    ``fill="colour"`` fills each region with one uniform random colour instead of an augmented
+    texture (DSR's image-space anomalies, Zavrtanik et al. ECCV 2022); the source's blending
+    weight ``beta`` is drawn from ``U[beta_min, beta_max]`` (DRAEM: ``[0, 0.8]``, DSR: ``[0.2, 1]``).
+    """
+
+    def __init__(self, seed: int = 0, p_anomalous: float = 0.5, beta_max: float = 0.8, beta_min: float = 0.0,
+                 fill: str = "texture") -> None:
+        if fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}; got {fill!r}")
         self.p_anomalous = float(p_anomalous)
-        self.beta_max = float(beta_max)
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.fill = fill
         self.generator = torch.Generator().manual_seed(int(seed))
+
+    def _source(self, textures: torch.Tensor | None, i: int, size: tuple[int, int], device) -> torch.Tensor:
+        g = self.generator
+        if self.fill == "colour":
+            return torch.rand(3, 1, 1, generator=g).to(device).expand(3, *size)
+        source = textures[i] if textures is not None else procedural_texture(size, g, device=device)
+        return augment_texture(source.to(device, torch.float32), g)
 
     def __call__(self, images: torch.Tensor, textures: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +199,8 @@ class AnomalySynthesizer:
                 if _uniform(g, 0.0, 1.0) >= self.p_anomalous:
                     continue  # this image stays normal
                 masks[i, 0] = random_perlin_mask((h, w), g, device=device)
-                source = textures[i] if textures is not None else procedural_texture((h, w), g, device=device)
-                sources[i] = augment_texture(source.to(device, torch.float32), g)
-                betas[i] = _uniform(g, 0.0, self.beta_max)
+                sources[i] = self._source(textures, i, (h, w), device)
+                betas[i] = _uniform(g, self.beta_min, self.beta_max)
             masks, sources = masks.to(images.dtype), sources.to(images.dtype)
             betas = betas.to(device, images.dtype)
             augmented = (1 - masks) * images + (1 - betas) * masks * images + betas * masks * sources
