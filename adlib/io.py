@@ -58,6 +58,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temporary_name(target)
+    tmp_path.touch(mode=0o666, exist_ok=False)  # mode 0666 & ~umask, like any new file
     try:
         yield tmp_path
         os.chmod(tmp_path, file_mode())

@@ -189,6 +189,9 @@ class Dsr(AnomalyModel):
     def provenance(self) -> dict:
         return {"dsr_general_appearance_model": dict(self.general_provenance)}
 
+    def required_weights(self) -> tuple[str, ...]:
+        return ("dsr_vq_model",)
+
     def check_input_size(self, images: torch.Tensor | tuple[int, int]) -> None:
         super().check_input_size(images)
         h, w = images.shape[-2:] if isinstance(images, torch.Tensor) else images

@@ -79,6 +79,10 @@ class Uflow(AnomalyModel):
     frozen_modules = ("extractor", "coarse_extractor")
     decision_method = "nfa"
 
+    def required_weights(self) -> tuple[str, ...]:
+        model = self.config.model if self.config is not None else {}
+        return tuple(name for name in (model.get("backbone"), model.get("coarse_backbone")) if name)
+
     def __init__(self, backbone: str = "cait_m48_448", vit_block: int | None = 40, layers: Sequence[str] = (),
                  coarse_backbone: str | None = "cait_s24_224", coarse_vit_block: int = 20,
                  backbone_kwargs: dict[str, Any] | None = None, coarse_backbone_kwargs: dict[str, Any] | None = None,
