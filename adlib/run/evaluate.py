@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from adlib import artifacts
+from adlib import artifacts, memory_probe
 from adlib.io import read_json, write_json
 from adlib.run.device import job_device
 from adlib.run.loaders import image_loader, split_of
@@ -46,7 +46,8 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         raise DataError(f"manifest {manifest_path} has no test images to evaluate")
     tcfg = config["train"]
     loader = image_loader(test_df, tcfg, cache_root, settings, shuffle=False)
-    test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress)
+    with memory_probe.stage("scoring"):
+        test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress)
 
     calib_scores = calib_labels = None
     calib_df = split_of(manifest, "calibration")
@@ -59,10 +60,11 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
 
     labels = test_df["label"].to_numpy()
-    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
-    metrics.update({"inference_ms_b1": latency_ms_batch1(model, loader.dataset, device),
-                    "inference_ms_batch": test.ms_per_image, "batch_size": int(tcfg["batch_size"]),
-                    "device": str(device), "produces_maps": bool(model.produces_maps)})
+    with memory_probe.stage("metrics"):
+        metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores)
+        metrics.update({"inference_ms_b1": latency_ms_batch1(model, loader.dataset, device),
+                        "inference_ms_batch": test.ms_per_image, "batch_size": int(tcfg["batch_size"]),
+                        "device": str(device), "produces_maps": bool(model.produces_maps)})
     if not model.produces_maps:
         metrics["notes"].append(f"produces_maps: {config['name']} scores whole images only (no anomaly maps)")
     if excluded:
@@ -82,7 +84,8 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         artifacts.write_maps(run_dir / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy())
     write_json(run_dir / artifacts.METRICS, metrics)
     title = title or f"{config['dataset']}_{test_df['category'].iloc[0]}_{config['name']}"
-    write_pictures(run_dir, title, test_df, test, metrics, loader.dataset)
+    with memory_probe.stage("pictures"):
+        write_pictures(run_dir, title, test_df, test, metrics, loader.dataset)
     return run_dir
 
 
