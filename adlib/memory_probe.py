@@ -1,7 +1,9 @@
-"""Peak resident memory per stage of a job, for benchmarks/bench_memory.py (off unless enabled).
+"""The stages of a job: freed memory handed back between them, and their peak resident memory.
 
-The steps mark their stages (``with stage("scoring"): ...``). Once :func:`enable` has been
-called, each stage records the highest resident set size the process reached while it ran,
+The steps mark their stages (``with stage("scoring"): ...``). Every boundary returns the
+blocks the allocator keeps for reuse (:func:`adlib.allocator.release_freed_memory`), so one
+stage's freed buffers do not stay resident under the next one's. Once :func:`enable` has
+been called (benchmarks/bench_memory.py), each stage also records the highest resident set size the process reached while it ran,
 and the time between stages is recorded as ``"other"`` (model building and loading, data
 indexing). Linux only: the kernel's high-water mark (``VmHWM``) is reset at every stage
 boundary through ``/proc/self/clear_refs``. That reset also lowers what ``getrusage`` reports
@@ -14,6 +16,8 @@ import contextlib
 import re
 from pathlib import Path
 from typing import Iterator
+
+from adlib.allocator import release_freed_memory
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -56,14 +60,23 @@ def _close_segment(next_label: str) -> None:
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
     """Mark a stage of a job (stages do not nest: an inner mark is ignored)."""
-    if not _enabled or _current != OTHER:
+    if _current != OTHER:
         yield
         return
-    _close_segment(name)
+    _boundary(name)
     try:
         yield
     finally:
-        _close_segment(OTHER)
+        _boundary(OTHER)
+
+
+def _boundary(next_label: str) -> None:
+    global _current
+    release_freed_memory()
+    if _enabled:
+        _close_segment(next_label)
+    else:
+        _current = next_label
 
 
 def stage_peaks() -> dict[str, float]:
