@@ -166,10 +166,10 @@ def main() -> None:
             print(f"{model}: FAILED\n{err}")
             continue
         rows.append(summarise(model, runs, loads, bank_size(work / "runs" / model)))
-        print(f"  done {model}: overrides {overrides}", flush=True)
+        print(f"  done {model}: overrides {overrides}; {json.dumps(rows[-1])}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
