@@ -3,12 +3,13 @@
 The steps mark their stages (``with stage("scoring"): ...``). Every boundary returns the
 blocks the allocator keeps for reuse (:func:`adlib.allocator.release_freed_memory`), so one
 stage's freed buffers do not stay resident under the next one's. Once :func:`enable` has
-been called (benchmarks/bench_memory.py), each stage also records the highest resident set size the process reached while it ran,
-and the time between stages is recorded as ``"other"`` (model building and loading, data
-indexing). Linux only: the kernel's high-water mark (``VmHWM``) is reset at every stage
-boundary through ``/proc/self/clear_refs``. That reset also lowers what ``getrusage`` reports
-as the process's peak, which is why this is off by default: while enabled, the peak of the
-whole process is the largest stage peak (:func:`process_peak_mib`).
+been called (benchmarks/bench_memory.py), each stage also records the highest resident set
+size the process reached while it ran, and the time between stages is recorded as
+``"other"`` (model building and loading, data indexing). Linux only: the kernel's high-water
+mark (``VmHWM``) is reset at every stage boundary through ``/proc/self/clear_refs``. That
+reset also lowers what ``getrusage`` reports as the process's peak, which is why recording is
+off by default: while enabled, the peak of the whole process is the largest stage peak
+(:func:`process_peak_mib`).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ a process of its own (benchmarks/runner.py) that records its peak RSS in every s
 (adlib.memory_probe): ``other`` (imports, model building and loading), ``features`` (the
 one-pass collection) or ``training`` (gradient steps), ``fitting`` (finalize: Gaussians,
 coreset, PCA, KDE), ``scoring`` (the test split), ``metrics`` (metrics and batch-1 latency),
-``pictures``. With ``--repeats N`` each model runs N times: peaks and times are medians, and
+``pictures``. ``CPU s`` is the process's user + system time (the whole run). With
+``--repeats N`` each model runs N times: peaks and times are medians, and
 the machine's load average at the start of each run is printed beside them (memory is robust
 to other load on a shared CPU, times are not).
 
@@ -30,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner import RunFailed, model_overrides, parse_sets, run_isolated
+from runner import RunFailed, add_data_options, model_overrides, parse_sets, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_MODELS = ["padim", "patchcore", "stfpm", "dfm", "dfkde"]
 DEFAULT_SETS = ["patchcore:coreset_sampling_ratio=0.01", "stfpm:num_epochs=5"]
 STAGES = ["other", "features", "training", "fitting", "scoring", "metrics", "pictures"]
@@ -98,6 +97,7 @@ def summarise(model: str, runs: list[dict], loads: list[float], bank: int | None
             "fit_s": statistics.median(r["fit"]["fit_seconds"] for r in runs),
             "test_s": statistics.median(r["metrics"]["inference_ms_batch"] * r["metrics"]["n_test"] / 1000 for r in runs),
             "eval_s": statistics.median(r["eval_seconds"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_seconds"] for r in runs),
             "fit_s_all": [round(r["fit"]["fit_seconds"], 1) for r in runs], "load": loads,
             "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics.get("pixel_auroc"),
             "num_train": runs[0]["fit"]["num_train_images"], "bank": bank}
@@ -106,7 +106,7 @@ def summarise(model: str, runs: list[dict], loads: list[float], bank: int | None
 def print_table(rows: list[dict]) -> None:
     stages = [s for s in STAGES if any(s in r["stages_mb"] for r in rows)]
     head = f"{'model':12s} " + " ".join(f"{s[:8]:>8s}" for s in stages)
-    head += f" {'peak':>7s} {'fit s':>7s} {'test s':>7s} {'eval s':>7s} {'img AUC':>7s} {'px AUC':>7s}  load"
+    head += f" {'peak':>7s} {'fit s':>7s} {'test s':>7s} {'eval s':>7s} {'CPU s':>7s} {'img AUC':>7s} {'px AUC':>7s}  load"
     print("peak RSS per stage (MiB), medians over the repeats")
     print(head)
     print("-" * len(head))
@@ -115,7 +115,7 @@ def print_table(rows: list[dict]) -> None:
         fmt = lambda v: f"{v:7.3f}" if v is not None else f"{'n/a':>7s}"  # noqa: E731
         loads = "/".join(f"{v:.1f}" for v in r["load"])
         print(f"{r['model']:12s} {cells} {r['peak_mb']:7.0f} {r['fit_s']:7.1f} {r['test_s']:7.1f} "
-              f"{r['eval_s']:7.1f} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])}  {loads}")
+              f"{r['eval_s']:7.1f} {r['cpu_s']:7.1f} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])}  {loads}")
     for r in rows:
         extra = f", memory bank {r['bank']:,} items" if r["bank"] is not None else ""
         print(f"  {r['model']}: {r['num_train']} training images, fit s per run {r['fit_s_all']}{extra}")
@@ -124,16 +124,15 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--category", default="magnetic_tile")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--img-size", type=int, default=256)
+    add_data_options(parser)
     parser.add_argument("--set", action="append", default=None,
                         help=f"MODEL:KEY=VALUE override (repeatable); default {' '.join(DEFAULT_SETS)}")
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"])
     parser.add_argument("--repeats", type=int, default=1, help="runs per model (medians reported)")
     parser.add_argument("--max-train", type=int, help="keep a seeded random N of the training images")
     parser.add_argument("--train-images", type=int, help="train on N augmented copies of the training images")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="run with keep_freed_memory=False (glibc's allocator defaults)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     from adlib.run import prepare_data
@@ -161,7 +160,8 @@ def main() -> None:
         try:
             for _ in range(max(1, args.repeats)):
                 loads.append(round(os.getloadavg()[0], 1))
-                runs.append(run_isolated(model, overrides, manifest, cache, work / "runs", root, stages=True))
+                runs.append(run_isolated(model, overrides, manifest, cache, work / "runs", root, stages=True,
+                                         settings={"keep_freed_memory": False} if args.release_freed_memory else None))
         except RunFailed as err:
             print(f"{model}: FAILED\n{err}")
             continue

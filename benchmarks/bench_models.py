@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner import RunFailed, model_overrides, parse_sets, run_isolated
+from runner import RunFailed, add_data_options, model_overrides, parse_sets, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str], img_size: int, batch: int,
@@ -59,10 +57,7 @@ def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore", "stfpm"])
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--category", default="magnetic_tile")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--img-size", type=int, default=256)
+    add_data_options(parser)
     parser.add_argument("--set", action="append", default=["stfpm:num_epochs=3"],
                         help="MODEL:KEY=VALUE override (repeatable); default stfpm:num_epochs=3")
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"],

@@ -5,8 +5,10 @@ back its numbers: the benchmarks' shared runner.
     data = run_isolated("padim", {"backbone": "tf_efficientnet_lite0"}, manifest, cache, out, data_root)
     data["fit"], data["metrics"], data["eval_seconds"], data["first_scores"]
 
-With ``stages=True`` the process also records its peak RSS per stage (:mod:`adlib.memory_probe`):
-``data["stage_peaks_mb"]`` (``fit["peak_rss_mb"]`` then covers only the last stage of training).
+``settings`` sets fields of the run's :class:`adlib.settings.Settings` (e.g.
+``{"keep_freed_memory": False}``). With ``stages=True`` the process also records its peak RSS
+per stage (:mod:`adlib.memory_probe`): ``data["stage_peaks_mb"]`` (``fit["peak_rss_mb"]`` then
+covers only the last stage of training); ``data["cpu_seconds"]`` is its user + system time.
 """
 from __future__ import annotations
 
@@ -16,6 +18,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+#: the project's shared real data sets (../shared/data beside the repository)
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options every real-data benchmark takes: data root, category, backbone, image size."""
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
+    parser.add_argument("--category", default="magnetic_tile")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--img-size", type=int, default=256)
 
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
@@ -47,9 +61,10 @@ class RunFailed(RuntimeError):
 
 
 def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path, *,
-                 stages: bool = False) -> dict:
+                 stages: bool = False, settings: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, model, "--manifest", str(manifest), "--cache", str(cache), "--out", str(out),
-           "--overrides", json.dumps(overrides), "--data-root", str(data_root)] + (["--stages"] if stages else [])
+           "--overrides", json.dumps(overrides), "--data-root", str(data_root),
+           "--settings", json.dumps(settings or {})] + (["--stages"] if stages else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RunFailed(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -65,7 +80,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.stages and not memory_probe.enable():
         sys.exit("--stages: this system cannot reset the peak RSS (/proc/self/clear_refs); Linux only")
-    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0)
+    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0,
+                        **json.loads(args.settings))
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
               progress=False)
@@ -75,7 +91,15 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps({"fit": json.loads((run_dir / "fit.json").read_text()),
                       "metrics": json.loads((run_dir / "metrics.json").read_text()), "eval_seconds": eval_seconds,
                       "first_scores": pd.read_parquet(run_dir / "scores.parquet")["score"].head(8).tolist(),
-                      "stage_peaks_mb": memory_probe.stage_peaks()}))
+                      "stage_peaks_mb": memory_probe.stage_peaks(), "cpu_seconds": _cpu_seconds()}))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (less sensitive to other load than wall time)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":
@@ -83,5 +107,6 @@ if __name__ == "__main__":
     parser.add_argument("model")
     for option in ("--manifest", "--cache", "--out", "--overrides", "--data-root"):
         parser.add_argument(option, required=True)
+    parser.add_argument("--settings", default="{}", help="Settings fields as JSON")
     parser.add_argument("--stages", action="store_true", help="record the peak RSS per stage")
     _worker(parser.parse_args())
