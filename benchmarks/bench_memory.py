@@ -16,8 +16,8 @@ to other load on a shared CPU, times are not).
     python benchmarks/bench_memory.py --models patchcore --set patchcore:coreset_sampling_ratio=0.1 \
         --train-images 4000          # magnetic tile's train images repeated with seeded augmentations
 
-``--max-train N`` keeps a seeded random N of the training images (the issue's sets have
-210-247); ``--train-images N`` writes N augmented copies of the training images (flips,
+``--max-train N`` (``--max-test N``) keeps a seeded random N of the training (test) images (the
+issue's sets have 210-247 training images); ``--train-images N`` writes N augmented copies of the training images (flips,
 shifts of a few pixels, +-5% brightness) into a temporary folder and trains on those.
 """
 from __future__ import annotations
@@ -66,14 +66,14 @@ def augmented_category(source: Path, category: str, count: int, img_size: int, o
     return out
 
 
-def keep_train_subset(manifest: Path, count: int, seed: int = 0) -> None:
-    """Keep a seeded random ``count`` of the manifest's training images (test split unchanged)."""
+def keep_subset(manifest: Path, split: str, count: int, seed: int = 0) -> None:
+    """Keep a seeded random ``count`` of the manifest's ``split`` images (the others unchanged)."""
     from adlib.data import load_manifest, save_manifest
 
     frame = load_manifest(manifest)
-    train = frame[frame["split"] == "train"]
-    if count < len(train):
-        drop = train.sample(n=len(train) - count, random_state=seed).index
+    rows = frame[frame["split"] == split]
+    if count < len(rows):
+        drop = rows.sample(n=len(rows) - count, random_state=seed).index
         save_manifest(frame.drop(index=drop).reset_index(drop=True), manifest)
 
 
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"])
     parser.add_argument("--repeats", type=int, default=1, help="runs per model (medians reported)")
     parser.add_argument("--max-train", type=int, help="keep a seeded random N of the training images")
+    parser.add_argument("--max-test", type=int, help="keep a seeded random N of the test images")
     parser.add_argument("--train-images", type=int, help="train on N augmented copies of the training images")
     parser.add_argument("--release-freed-memory", action="store_true",
                         help="run with keep_freed_memory=False (glibc's allocator defaults)")
@@ -148,8 +149,9 @@ def main() -> None:
     manifest, cache = work / "manifest.parquet", work / "cache"
     start = time.perf_counter()
     prepare_data({"name": "bench", "layout": "mvtec", "root": str(root)}, args.category, args.img_size, manifest, cache)
-    if args.max_train:
-        keep_train_subset(manifest, args.max_train)
+    for split, count in (("train", args.max_train), ("test", args.max_test)):
+        if count:
+            keep_subset(manifest, split, count)
     print(f"prepare (index + decode cache): {time.perf_counter() - start:.1f} s   work dir {work}")
     sets = parse_sets(DEFAULT_SETS if args.set is None else args.set)
 

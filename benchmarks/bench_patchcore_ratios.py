@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_memory import keep_train_subset
+from bench_memory import keep_subset
 from runner import add_data_options
 
 
@@ -119,7 +119,7 @@ def main() -> None:
     prepare_data({"name": "bench", "layout": "mvtec", "root": args.data_root}, args.category, args.img_size,
                  manifest, cache)
     if args.max_train:
-        keep_train_subset(manifest, args.max_train)
+        keep_subset(manifest, "train", args.max_train)
     settings = Settings(data_root=args.data_root, output_dir=work, device="cpu", seed=0)
     base = {"img_size": args.img_size, "backbone": args.backbone}
     ratios = sorted(args.ratios, reverse=True)
