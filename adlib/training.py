@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from adlib import memory_probe
 from adlib.models.base import (AnomalyModel, DataPass, FitContext, OptimizerSpec, Step, TrainBatch,
                                check_phases)
 
@@ -274,20 +275,21 @@ def fit(model: AnomalyModel, data: FitData | DataLoader, context: FitContext, *,
                                   num_train_images=len(data.train.dataset))
     report.total_steps = total
     model.setup_fit(context)
-    _data_passes(model, data, "before", device, report, progress)
-    if model.learns_by == "one_pass":
-        _run_pass(model, DataPass("fit", "before"), data.train, device, report, progress)
-        report.epochs_run = 1
-    else:
-        stopper = _EarlyStopping(early_stopping_patience, early_stopping_target,
-                                 higher_is_better=validator.higher_is_better if validator else False)
-        _gradient_epochs(model, data, device, report, total=total, epochs=epochs, amp=amp and device.type == "cuda",
-                         grad_clip_norm=grad_clip_norm, validator=validator, validate_every=validate_every,
-                         stopper=stopper, progress=progress)
-        _check_weights(model)
-    _data_passes(model, data, "after", device, report, progress)
+    with memory_probe.stage("features" if model.learns_by == "one_pass" else "training"):
+        _data_passes(model, data, "before", device, report, progress)
+        if model.learns_by == "one_pass":
+            _run_pass(model, DataPass("fit", "before"), data.train, device, report, progress)
+            report.epochs_run = 1
+        else:
+            stopper = _EarlyStopping(early_stopping_patience, early_stopping_target,
+                                     higher_is_better=validator.higher_is_better if validator else False)
+            _gradient_epochs(model, data, device, report, total=total, epochs=epochs,
+                             amp=amp and device.type == "cuda", grad_clip_norm=grad_clip_norm, validator=validator,
+                             validate_every=validate_every, stopper=stopper, progress=progress)
+            _check_weights(model)
+        _data_passes(model, data, "after", device, report, progress)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), memory_probe.stage("fitting"):
         model.finalize()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner import RunFailed, run_isolated
+from runner import RunFailed, add_data_options, model_overrides, parse_sets, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str], img_size: int, batch: int,
@@ -56,24 +54,10 @@ def backbone_floor(manifest: Path, cache: Path, backbone: str, layers: list[str]
     return min(times)  # other load only ever slows it down: the fastest pass is the floor
 
 
-def _parse_sets(items: list[str]) -> dict[str, dict]:
-    import yaml
-
-    out: dict[str, dict] = {}
-    for item in items:
-        model, _, pair = item.partition(":")
-        key, _, value = pair.partition("=")
-        out.setdefault(model, {})[key] = yaml.safe_load(value)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["padim", "patchcore", "stfpm"])
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--category", default="magnetic_tile")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--img-size", type=int, default=256)
+    add_data_options(parser)
     parser.add_argument("--set", action="append", default=["stfpm:num_epochs=3"],
                         help="MODEL:KEY=VALUE override (repeatable); default stfpm:num_epochs=3")
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"],
@@ -92,13 +76,11 @@ def main() -> None:
     start = time.perf_counter()
     prepare_data({"name": "bench", "layout": "mvtec", "root": str(root)}, args.category, args.img_size, manifest, cache)
     print(f"prepare (index + decode cache): {time.perf_counter() - start:.1f} s   work dir {work}")
-    sets = _parse_sets(args.set)
+    sets = parse_sets(args.set)
 
     rows = []
     for model in args.models:
-        overrides = {"img_size": args.img_size, **sets.get(model, {})}
-        if "backbone" in get_spec(model).model_defaults and model not in args.no_backbone_override:
-            overrides["backbone"] = args.backbone
+        overrides = model_overrides(model, args.img_size, sets, args.backbone, args.no_backbone_override)
         layers = get_spec(model).model_defaults.get("layers", ["layer2", "layer3"])
         try:
             runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root)

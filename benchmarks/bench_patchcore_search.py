@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from runner import add_data_options
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def load_images(manifest: Path, cache: Path, split: str, img_size: int) -> torch.Tensor:
@@ -48,10 +47,7 @@ def gemm_rate(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--category", default="magnetic_tile")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--img-size", type=int, default=256)
+    add_data_options(parser)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--test-images", type=int, default=592, help="test images searched with the prefilter")
     parser.add_argument("--plain-images", type=int, default=100, help="of those, searched in float32 too")

@@ -51,6 +51,17 @@ def test_cached_items_equal_decoded_items(manifest, tmp_path):
     assert sum(len(batch["label"]) for batch in loader) == len(manifest)
 
 
+def test_cache_reads_do_not_map_the_images_into_the_process(manifest, tmp_path):
+    cached = ImageDataset(manifest, img_size=32, cache=tmp_path / "cache")
+    assert all(torch.is_tensor(cached[i]["image"]) for i in range(len(manifest)))
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # a memory map would keep every image read resident in this process
+        assert "images.npy" not in maps.read_text()
+    rows = cached.cache.shards[0].arrays()[0]
+    with pytest.raises(IndexError, match="outside"):
+        rows[len(rows)]
+
+
 def test_invalidated_when_sources_or_size_change(manifest, tmp_path):
     first = ImageCache.build(manifest, tmp_path / "cache", img_size=32)
     source = Path(manifest["image_path"].iloc[0])

@@ -78,3 +78,44 @@ def test_allocator_thresholds_apply_in_a_fresh_process():
     code = "from adlib.allocator import reuse_freed_memory as r; print(r(), r())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]  # glibc here; idempotent
+
+
+def test_keep_freed_memory_setting_from_the_environment(monkeypatch):
+    assert Settings().keep_freed_memory is True
+    for value, want in (("0", False), ("off", False), ("1", True), ("true", True)):
+        monkeypatch.setenv("ADLIB_KEEP_FREED_MEMORY", value)
+        assert Settings.load().keep_freed_memory is want
+
+
+def test_job_device_leaves_the_allocator_alone_when_told_to():
+    import subprocess
+    import sys
+
+    code = ("from adlib.run.device import job_device; from adlib.settings import Settings; import adlib.allocator as a;"
+            "job_device(Settings(device='cpu', keep_freed_memory={})); print(a._done)")
+    for keep, want in ((False, "False"), (True, "True")):
+        out = subprocess.run([sys.executable, "-c", code.format(keep)], capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-1] == want
+
+
+def test_memory_stages_record_each_stage_peak(monkeypatch):
+    import numpy as np
+
+    from adlib import memory_probe
+
+    monkeypatch.setattr(memory_probe, "_peaks", {})  # restored (probing off) after the test
+    monkeypatch.setattr(memory_probe, "_current", memory_probe.OTHER)
+    monkeypatch.setattr(memory_probe, "_enabled", False)
+    if not memory_probe.enable():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    with memory_probe.stage("big"):
+        block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MiB, touched
+        with memory_probe.stage("inner"):  # nested marks are ignored
+            pass
+        del block
+    with memory_probe.stage("small"):
+        pass
+    peaks = memory_probe.stage_peaks()
+    assert set(peaks) == {"other", "big", "small"}
+    assert peaks["big"] > peaks["small"] + 150
+    assert memory_probe.process_peak_mib() == max(peaks.values())

@@ -106,6 +106,31 @@ def test_streamed_gaussians_and_mahalanobis_match_numpy():
             assert got[b, p].item() == pytest.approx(want, rel=1e-4)
 
 
+def test_frozen_extractor_runs_large_batches_in_chunks_with_the_same_maps():
+    from adlib.backbones import FeatureExtractor
+    from adlib.backbones.extractor import FROZEN_CHUNK
+
+    extractor = FeatureExtractor(BACKBONE, ["layer1", "layer2"], pretrained=False)
+    images = torch.rand(FROZEN_CHUNK + 3, 3, 32, 32)
+    chunked = extractor(images)
+    with torch.no_grad():
+        whole = extractor.model(images.contiguous(memory_format=torch.channels_last))
+    assert [m.shape[0] for m in chunked] == [FROZEN_CHUNK + 3] * 2
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_covariance_in_position_blocks_equals_all_at_once():
+    gen = torch.Generator().manual_seed(1)
+    acc = PositionGaussianAccumulator()
+    for _ in range(3):
+        acc.add(torch.randn(10, 6, 5, generator=gen) * 2.0 + 3.0)
+    whole = acc.inverse_covariance(0.01, block=10)
+    for block in (1, 3):  # blocks that do and do not divide the 10 positions
+        assert torch.equal(acc.inverse_covariance(0.01, block=block), whole)
+    assert whole.dtype == torch.float32 and whole.shape == (10, 5, 5)
+
+
 def test_accumulator_rejects_changing_image_size():
     acc = PositionGaussianAccumulator()
     acc.add(torch.rand(4, 2, 3))

@@ -1,4 +1,4 @@
-"""Decode once: an on-disk cache of decoded, resized uint8 images, memory-mapped.
+"""Decode once: an on-disk cache of decoded, resized uint8 images, read row by row.
 
 One shard per (dataset, category, image size[, crop]) of a manifest:
 
@@ -46,21 +46,53 @@ CACHE_FORMAT = 2
 _VERIFIED: dict[str, int] = {}
 
 
+class NpyRows:
+    """Rows of a C-ordered ``.npy`` array read one at a time by positioned reads.
+
+    Unlike a memory map, what has been read does not stay mapped into the process: the pages
+    live in the operating system's file cache, not in this process's resident memory (a memory
+    map adds every image a job reads to its RSS).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with the object)
+        version = np.lib.format.read_magic(self._file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise DataError(f"{path} has .npy format version {version}; rebuild the image cache")
+        shape, fortran, dtype = header[version](self._file)
+        if fortran:
+            raise DataError(f"{path} is stored in Fortran order; rebuild the image cache")
+        self.shape, self.dtype, self._offset = tuple(shape), np.dtype(dtype), self._file.tell()
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        """Read-only row ``row``."""
+        if not 0 <= row < self.shape[0]:
+            raise IndexError(f"row {row} outside 0..{self.shape[0] - 1}")
+        data = os.pread(self._file.fileno(), self._row_bytes, self._offset + row * self._row_bytes)
+        if len(data) != self._row_bytes:
+            raise DataError(f"{self._file.name} is truncated; rebuild the image cache")
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:])
+
+
 class CacheShard:
-    """The cached images of one (dataset, category, size); arrays open lazily (per process)."""
+    """The cached images of one (dataset, category, size); files open lazily (per process)."""
 
     def __init__(self, directory: Path, paths: list[str]) -> None:
         self.directory = directory
         self.paths = paths
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self._arrays: tuple[NpyRows, NpyRows] | None = None
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[NpyRows, NpyRows]:
         if self._arrays is None:
-            self._arrays = (np.load(self.directory / "images.npy", mmap_mode="r"),
-                            np.load(self.directory / "masks.npy", mmap_mode="r"))
+            self._arrays = (NpyRows(self.directory / "images.npy"), NpyRows(self.directory / "masks.npy"))
         return self._arrays
 
-    def __getstate__(self) -> dict:  # DataLoader workers re-open the memory maps themselves
+    def __getstate__(self) -> dict:  # DataLoader workers re-open the files themselves
         return {**self.__dict__, "_arrays": None}
 
 

@@ -126,7 +126,8 @@ class PatchCore(AnomalyModel):
         if n_select >= n:
             index = torch.arange(n)
         else:
-            index = greedy_coreset(self._store.projected().to(device), n_select, seed=self._seed)
+            # the projections are not needed after the selection: centred in place
+            index = greedy_coreset(self._store.projected().to(device), n_select, seed=self._seed, overwrite=True)
         self.memory_bank = self._store.gather(index).to(device)
         self._store, self._projection = None, None
 

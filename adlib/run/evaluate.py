@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from adlib import artifacts
+from adlib import artifacts, memory_probe
 from adlib.io import (check_writable, dir_mode, publish_staged, read_json, remove_stale_temporaries,
                       temporary_name, write_json)
 from adlib.run.device import job_device
@@ -57,8 +57,9 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
         raise DataError(f"manifest {manifest_path} has no test images to evaluate")
     tcfg = config["train"]
     loader = image_loader(test_df, tcfg, cache_root, settings, shuffle=False)
-    test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress,
-                        defect_types=test_df["defect_type"].astype(str).tolist())
+    with memory_probe.stage("scoring"):
+        test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress,
+                            defect_types=test_df["defect_type"].astype(str).tolist())
 
     calib = calib_scores = calib_labels = None
     reference = (None, "test normal images")  # normal maps the overlays' colour scale comes from
@@ -77,11 +78,12 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
 
     labels = test_df["label"].to_numpy()
     rule = model.decision_method if test.decision is not None else None
-    metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores,
-                                            decision=test.decision, decision_method=rule)
-    metrics["per_defect_type"] = metrics_by_defect_type(labels, test.scores, test_df["defect_type"],
-                                                        test.pixel_metrics_by_type)
-    latency = latency_ms_batch1(model, loader.dataset, device)
+    with memory_probe.stage("metrics"):
+        metrics: dict[str, Any] = build_metrics(labels, test.scores, test.pixel_metrics, calib_labels, calib_scores,
+                                                decision=test.decision, decision_method=rule)
+        metrics["per_defect_type"] = metrics_by_defect_type(labels, test.scores, test_df["defect_type"],
+                                                            test.pixel_metrics_by_type)
+        latency = latency_ms_batch1(model, loader.dataset, device)
     metrics.update({"inference_ms_b1": latency["median"], "inference_ms_b1_p25": latency["p25"],
                     "inference_ms_b1_p75": latency["p75"], "inference_ms_batch": test.ms_per_image,
                     "inference_ms_batch_p25": test.ms_per_image_spread[0],
@@ -122,7 +124,8 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
             calib_maps = calib.maps if calib is not None else None
             artifacts.write_maps(stage / artifacts.MAPS, test.maps, test_df["image_path"].to_numpy(), calib_maps,
                                  calib_df["image_path"].to_numpy() if calib_maps is not None else None)
-        write_pictures(stage, title, test_df, test, metrics, loader.dataset, *reference)
+        with memory_probe.stage("pictures"):
+            write_pictures(stage, title, test_df, test, metrics, loader.dataset, *reference)
         write_json(stage / artifacts.METRICS, metrics)
         publish_staged(stage, run_dir, last=artifacts.METRICS)
     finally:

@@ -44,12 +44,13 @@ def start_index(num_points: int, seed: int = 0) -> int:
 
 
 def greedy_coreset(points: torch.Tensor, num_select: int, *, seed: int = 0, pool_size: int = 16384,
-                   block_elements: int = _BLOCK_ELEMENTS) -> torch.Tensor:
+                   block_elements: int = _BLOCK_ELEMENTS, overwrite: bool = False) -> torch.Tensor:
     """Indices (in selection order) of a greedy k-center coreset of the rows of ``points``.
 
     Equivalent to: start at :func:`start_index` ``(N, seed)``; repeat ``argmax`` of each point's
     squared distance to its nearest selected point (selected points excluded). Runs on
-    ``points``' device; ``points`` is not modified.
+    ``points``' device; ``points`` is not modified unless ``overwrite`` (float32 points are
+    then centred in place instead of in a copy as large as they are).
     """
     if points.ndim != 2:
         raise ValueError(f"greedy_coreset expects [N, d] points, got shape {tuple(points.shape)}")
@@ -57,7 +58,8 @@ def greedy_coreset(points: torch.Tensor, num_select: int, *, seed: int = 0, pool
     if not 0 < num_select <= n:
         raise ValueError(f"cannot select {num_select} of {n} points")
     x = points.float()
-    x = x - x.mean(dim=0, keepdim=True)  # distances are shift-invariant; centring limits rounding
+    mean = x.mean(dim=0, keepdim=True)  # distances are shift-invariant; centring limits rounding
+    x = x.sub_(mean) if overwrite or x is not points else x - mean
     state = _LazyState(x, num_select, start_index(n, seed))
     pool_size = max(1, min(int(pool_size), n))
     while state.count < num_select:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+#: positions whose float64 covariances are inverted at once (100-d features: 10 MiB)
+POSITION_BLOCK = 128
+
 
 class PositionGaussianAccumulator:
     """Running sums for one Gaussian per spatial position, in bounded memory.
@@ -44,18 +47,28 @@ class PositionGaussianAccumulator:
         self._require(1)
         return (self._shift.double() + self._sum.double() / self.count).float()
 
-    def covariance(self, eps: float = 0.0) -> torch.Tensor:
-        """``[P, D, D]`` unbiased covariance plus ``eps * I`` (float64)."""
+    def covariance(self, eps: float = 0.0, positions: slice = slice(None)) -> torch.Tensor:
+        """``[P, D, D]`` unbiased covariance plus ``eps * I`` (float64) of ``positions`` (all)."""
         self._require(2)
-        mean_shifted = self._sum.double() / self.count
-        cov = (self._outer.double() - self.count * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)) / (self.count - 1)
+        mean_shifted = self._sum[positions].double() / self.count
+        cov = self._outer[positions].double()
+        cov -= self.count * mean_shifted.unsqueeze(2) * mean_shifted.unsqueeze(1)
+        cov /= self.count - 1
         if eps:
-            cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            cov.diagonal(dim1=1, dim2=2).add_(eps)
         return cov
 
-    def inverse_covariance(self, eps: float) -> torch.Tensor:
-        """``[P, D, D]`` inverse of the regularised covariance (float32)."""
-        return torch.linalg.inv(self.covariance(eps)).float().contiguous()
+    def inverse_covariance(self, eps: float, block: int = POSITION_BLOCK) -> torch.Tensor:
+        """``[P, D, D]`` inverse of the regularised covariance (float32), computed in float64
+        ``block`` positions at a time: the float64 temporaries stay a few MiB instead of
+        several times the ``[P, D, D]`` sums."""
+        self._require(2)
+        p, d = self._shift.shape
+        out = torch.empty(p, d, d, device=self._outer.device)
+        for start in range(0, p, block):
+            rows = slice(start, min(start + block, p))
+            out[rows] = torch.linalg.inv(self.covariance(eps, rows))
+        return out
 
     def _require(self, minimum: int) -> None:
         if self.count < minimum:
