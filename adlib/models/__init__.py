@@ -19,6 +19,9 @@ _MODEL_MODULES = (
     "fastflow",
     "draem",
     "autoencoder",
+    "fre",
+    "reverse_distillation",
+    "uninet",
 )
 
 

@@ -21,6 +21,8 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
                       "flow_steps": 2},
     "fastflow-deit": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
                       "flow_steps": 2},
+    "reverse_distillation": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
+    "uninet*": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
