@@ -10,7 +10,7 @@ from adlib.models import TrainBatch, create_model, resolve_config
 from adlib.models.base import FitContext, Step
 from adlib.models.registry import get_spec
 from adlib.models.uninet import (DomainFeatureSelection, SplitKernelBottleneck, anomalous_positions,
-                                 contrastive_pair_loss, weighted_decision_scores)
+                                 contrastive_pair_loss, own_position_log_prob, weighted_decision_scores)
 
 SMALL = {"backbone": "resnet10t", "bottleneck_blocks": 1, "decoder_blocks": (1, 1, 1), "width_ratio": 0.25}
 
@@ -104,6 +104,20 @@ def test_contrastive_loss_terms_and_their_use_of_anomalous_positions():
     assert plain != labelled
 
 
+def test_blockwise_contrastive_similarities_match_the_full_matrix():
+    g = torch.Generator().manual_seed(1)
+    s = torch.nn.functional.normalize(torch.randn(2, 10, 3, generator=g), dim=-1).requires_grad_()
+    t = torch.nn.functional.normalize(torch.randn(2, 10, 3, generator=g), dim=-1).requires_grad_()
+    full = torch.log_softmax(s @ t.transpose(1, 2) / 0.1, dim=-1).diagonal(dim1=1, dim2=2)
+    blocks = own_position_log_prob(s, t, 0.1, block=2 * 10 * 3)  # 3 rows at a time, 4 blocks
+    torch.testing.assert_close(blocks, full)
+    weights = torch.rand(2, 10, generator=g)
+    grads_full = torch.autograd.grad((full * weights).sum(), (s, t))
+    grads_blocks = torch.autograd.grad((blocks * weights).sum(), (s, t))
+    for a, b in zip(grads_full, grads_blocks):
+        torch.testing.assert_close(a, b)
+
+
 def test_feature_selection_weights_students_by_the_teachers_spatial_softmax():
     dfs = DomainFeatureSelection([2, 3])
     t = [torch.randn(1, 2, 2, 2), torch.randn(1, 3, 1, 2)]
@@ -145,3 +159,4 @@ def test_uninet_refuses_bad_options():
         small_uninet(lr_milestones=[80])
     with pytest.raises(ValueError, match=r"valid layers: \['act1', 'layer1'"):
         small_uninet(layers=("layer1", "layer2", "layer5x"))
+
