@@ -25,6 +25,9 @@ _MODEL_MODULES = (
     "ganomaly",
     "dsr",
     "cfa",
+    "fre",
+    "reverse_distillation",
+    "uninet",
 )
 
 

@@ -32,6 +32,8 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
     "dsr": {"num_embeddings": 16, "embedding_dim": 8, "hidden": 8, "residual_hidden": 4, "residual_layers": 1,
             "restriction_width": 4, "detector_width": 4, "decoder_bottleneck": 4},
     "cfa": {"center_crop": None},
+    "reverse_distillation": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
+    "uninet*": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
