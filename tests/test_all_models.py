@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import fit_on, normal_images, with_defect
 
-from adlib.artifacts import load_model, run_config, save_model
+from adlib.artifacts import load_model, run_config, save_model, write_record
 from adlib.models.registry import build_model, list_models, resolve_config
 from adlib.models.smoke import smoke_overrides
 from adlib.training import seed_everything
@@ -36,6 +36,7 @@ def test_model_trains_predicts_and_round_trips(name, tmp_path):
 
     cfg = run_config(config, dataset="synthetic", category="widget", seed=0, pretrained=False)
     save_model(tmp_path, model, cfg)
+    write_record(tmp_path)
     reloaded, saved_cfg = load_model(tmp_path)
     assert saved_cfg["model"] == config.model
     again = reloaded.predict(test)

@@ -104,7 +104,7 @@ def test_corrupt_or_truncated_images_name_the_file(tmp_path, cut):
 def test_image_deleted_after_indexing(mvtec):
     df = index_dataset("mvtec", mvtec, "widget")
     Path(df["image_path"].iloc[0]).unlink()
-    with pytest.raises(DataError, match="does not exist .*re-index"):
+    with pytest.raises(DataError, match="does not exist .*index the data set again"):
         ImageDataset(df, img_size=16)[0]
 
 

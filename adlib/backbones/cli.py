@@ -145,7 +145,7 @@ def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("name", help="timm name or catalog name, e.g. wide_resnet50_2")
     p.set_defaults(func=cmd_where)
 
-    from adlib.backbones.dsr_vq_training import VqTrainingConfig
+    from adlib.backbones.dsr_vq_config import VqTrainingConfig
 
     d = VqTrainingConfig()
     p = sub.add_parser("train-dsr-vq", help="train DSR's general appearance (VQ) model on a folder of images",

@@ -58,6 +58,11 @@ def to_rgb8(image: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
+#: what to do when the indexed files changed on disk
+REINDEX = ("index the data set again (the workflow re-prepares changed data on its next run; force it with "
+           "`snakemake --forcerun prepare`)")
+
+
 def read_image(path: str) -> Image.Image:
     """Decode an image file as 8-bit RGB (grey, palette, 16-bit and float images are converted;
     see :func:`to_rgb8`)."""
@@ -66,12 +71,12 @@ def read_image(path: str) -> Image.Image:
             image.load()
             return to_rgb8(image, path)
     except FileNotFoundError:
-        raise DataError(f"image {path} does not exist (any more); index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
+        raise DataError(f"image {path} does not exist (any more); {REINDEX}") from None
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}. The file is corrupt or truncated: replace "
-                        "it with a good copy, or delete it and index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
+                        f"it with a good copy, or delete it and {REINDEX}") from None
 
 
 def read_mask(path: str, size: tuple[int, int]) -> Image.Image:
@@ -87,7 +92,7 @@ def read_mask(path: str, size: tuple[int, int]) -> Image.Image:
             else:  # colour masks: a pixel is a defect when any colour channel is non-zero
                 values = np.asarray(mask.convert("RGB")).max(axis=-1)
     except FileNotFoundError:
-        raise DataError(f"mask {path} does not exist (any more); index the data set again (the workflow re-prepares changed data on its next run; force it with `snakemake --forcerun prepare`)") from None
+        raise DataError(f"mask {path} does not exist (any more); {REINDEX}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode mask {path}: {exc}. Replace it with a good copy") from None
     binary = Image.fromarray(((values > 0) * 255).astype(np.uint8))
