@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from adlib import artifacts
 from adlib.io import atomic_path, read_json
 from adlib.run.device import job_device
 from adlib.run.evaluate import model_dir_of
+from adlib.run.loaders import image_loader
 from adlib.run.pictures import overlay_inputs, picture_name
 from adlib.run.scoring import score_images
 from adlib.settings import Settings
@@ -47,7 +47,6 @@ def decision_threshold(metrics: dict, method: str) -> float:
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
                    threshold_method: str = "f1_percentile", overlay_dir: str | Path | None = None) -> pd.DataFrame:
     """Score new images with a saved run; write a CSV of scores and decisions (and overlays)."""
-    from adlib.data import ImageDataset
     from adlib.data.manifest import make_manifest, manifest_row
     from adlib.evaluation.plots import plot_overlay
 
@@ -64,9 +63,8 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
     paths = collect_images(images)
     # labels are unknown for new images; 0 is a placeholder the scoring never reads
     manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
-    size, crop = int(config["train"]["img_size"]), config["train"].get("center_crop")
-    dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False)
-    loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
+    loader = image_loader(manifest, config["train"], None, settings, shuffle=False)
+    dataset = loader.dataset
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)
     table = pd.DataFrame({"image_path": manifest["image_path"], "score": scored.scores,
