@@ -205,3 +205,27 @@ def test_a_tile_larger_than_an_image_is_refused_naming_it(wide_images):
     check_images_fit(wide_images["image_path"], {"img_size": 256, "batch_size": 2})  # untiled: nothing to check
     with pytest.raises(ValueError, match="40x30 px, smaller than tile_size=32"):
         TiledModel(Identity(), Tiling(32, 32)).predict(torch.zeros(1, 3, 40, 30))
+
+
+def test_images_of_different_sizes_are_scored_whole_at_full_resolution(tmp_path):
+    from adlib.run.loaders import image_loader
+    from adlib.run.scoring import STORED_MAP_SIZE, score_images
+    from adlib.settings import Settings
+
+    rng = np.random.default_rng(1)
+    normal = rng.integers(0, 200, (40, 72, 3), dtype=np.uint8)
+    defect = rng.integers(0, 200, (50, 30, 3), dtype=np.uint8)
+    mask = np.zeros((50, 30), dtype=bool)
+    mask[20:26, 4:13] = True
+    defect[mask, 0] = 255  # the identity "model" maps the red channel: only the defect is at its maximum
+    rows = [manifest_row("wide", "strip", "test", *_write(tmp_path / "good", "0", normal), 0, "good"),
+            manifest_row("wide", "strip", "test", *_write(tmp_path / "bad", "0", defect, mask), 1, "spot")]
+    loader = image_loader(make_manifest(rows), {"img_size": 64, "batch_size": 4, "tile_size": 16, "tile_stride": 12},
+                          tmp_path / "cache", Settings(output_dir=tmp_path), shuffle=False)
+    assert loader.batch_size == 1 and loader.dataset[1]["image"].shape == (3, 50, 30)
+    scored = score_images(TiledModel(Identity(), Tiling(16, 12)), loader, torch.device("cpu"), with_pixels=True,
+                          progress=False)
+    pixels = scored.pixel_metrics  # masks and maps meet at each image's own size
+    assert pixels["pixel_auroc"] == pytest.approx(1.0) and pixels["pixel_aupro"] == pytest.approx(1.0)
+    assert scored.scores[1] == 1.0 and scored.scores[0] < 200 / 255 + 1e-6
+    assert scored.maps.shape == (2, STORED_MAP_SIZE, STORED_MAP_SIZE)  # two sizes: stored as stretched squares
