@@ -206,6 +206,8 @@ class TiledModel(nn.Module):
     """
 
     produces_maps = True
+    #: a model's own decision statistic is per tile, not stitched: tiled runs use fitted thresholds
+    decision_method = None
 
     def __init__(self, model: nn.Module, tiling: Tiling, batch_size: int = 32) -> None:
         if not getattr(model, "produces_maps", False):
