@@ -146,6 +146,21 @@ def model_input_side(train: Mapping[str, Any]) -> int:
     return int(train.get("tile_size") or train.get("center_crop") or train["img_size"])
 
 
+def prepare_tiled_images(manifest, train: Mapping[str, Any], cache_root=None) -> None:
+    """Before a tiled run trains: every image of ``manifest`` holds a tile (:func:`check_images_fit`),
+    and the image cache holds all of them at the kept size, so one shard serves the training,
+    validation, calibration and test images (as the prepare step's square shard serves untiled
+    runs; a shard of the training images alone would be replaced by the test images' one)."""
+    from adlib.data.cache import ImageCache
+
+    tiling = Tiling.of(train)
+    if tiling is None:
+        return
+    check_images_fit(manifest["image_path"], train)
+    if cache_root is not None:
+        ImageCache.build(manifest, cache_root, tiling.image_size)
+
+
 def check_images_fit(image_paths: Iterable[str], train: Mapping[str, Any]) -> None:
     """Refuse a tiled configuration whose tile does not fit in some image (file headers only)."""
     tiling = Tiling.of(train)

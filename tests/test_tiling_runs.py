@@ -59,6 +59,8 @@ def test_padim_finds_a_small_defect_only_when_tiled(surface, tmp_path):
     assert maps.shape == (6, 102, 128) and np.isfinite(maps).all()
     assert json.loads((run / "config.json").read_text())["train"]["tile_size"] == 32
     assert list((run / "overlays").glob("*.png"))
+    shards = [p for p in (surface / "cache" / "mvtec" / "surface" / "full").iterdir() if p.is_dir()]
+    assert len(shards) == 1  # one shard of the whole category serves training and evaluation
     row, plain = leaderboard_row(run), leaderboard_row(untiled_run)
     assert (row["model"], row["tile_size"], row["tile_stride"], row["tile_blend"], row["tile_image_size"]) == \
         ("padim-tiled", 32, 32, "mean", "full")

@@ -20,7 +20,7 @@ from adlib.models.registry import ModelSpec, build_model, get_spec, resolve_conf
 from adlib.run.device import job_device
 from adlib.run.loaders import auxiliary_streams, image_loader, split_of
 from adlib.settings import Settings
-from adlib.tiling import check_images_fit, model_input_side, tiled
+from adlib.tiling import model_input_side, prepare_tiled_images, tiled
 from adlib.training import FitData, Validator, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
     manifest = load_manifests(manifest_path)
     split = training_split(manifest, spec, tcfg, settings.seed, source=f"manifest {manifest_path}")
     validation_source = _validation_source(manifest, split, tcfg)
-    check_images_fit(manifest["image_path"], tcfg)  # tiled runs: every image holds a tile
+    prepare_tiled_images(manifest, tcfg, cache_root)  # tiled runs: images checked against the tile, cached
     check_writable(run_dir.parent)
     device = job_device(settings)
     model: AnomalyModel = build_model(config, pretrained=pretrained, backbone_dir=settings.backbone_dir)
