@@ -106,8 +106,11 @@ def check_evaluated(run_dir: str | os.PathLike, model_dir: str | os.PathLike, me
 def load_model(run_dir: str | os.PathLike, *, backbone_dir: str | os.PathLike | None = None,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a saved model (frozen backbones come from ``backbone_dir`` again); the weights
-    are checked against the run's completion record first."""
+    are checked against the run's completion record first. A tiled configuration's model comes
+    wrapped to predict full images tile by tile (:func:`adlib.tiling.tiled`)."""
     from safetensors.torch import load_file
+
+    from adlib.tiling import tiled
 
     run_dir = Path(run_dir)
     trained_record(run_dir, verify=True)
@@ -115,7 +118,7 @@ def load_model(run_dir: str | os.PathLike, *, backbone_dir: str | os.PathLike | 
     model = build_model(ResolvedConfig.from_dict(config), pretrained=config.get("pretrained", True),
                         backbone_dir=backbone_dir)
     model.load_saved_state(load_file(str(run_dir / WEIGHTS)))
-    return model.to(device).eval(), config
+    return tiled(model, config["train"]).to(device).eval(), config
 
 
 def write_scores(path: Path, frame) -> None:

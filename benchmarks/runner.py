@@ -4,6 +4,7 @@ back its numbers: the benchmarks' shared runner.
     from runner import run_isolated
     data = run_isolated("padim", {"backbone": "tf_efficientnet_lite0"}, manifest, cache, out, data_root)
     data["fit"], data["metrics"], data["eval_seconds"], data["first_scores"]
+    data["peak_rss_mb"]  # of the whole process: training and evaluation
 
 ``settings`` sets fields of the run's :class:`adlib.settings.Settings` (e.g.
 ``{"keep_freed_memory": False}``). With ``stages=True`` the process also records its peak RSS
@@ -88,7 +89,9 @@ def _worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     evaluate_run(run_dir, args.manifest, settings, cache_root=args.cache, progress=False)
     eval_seconds = time.perf_counter() - start
-    print(json.dumps({"fit": json.loads((run_dir / "fit.json").read_text()),
+    from adlib.training import peak_rss_mb
+
+    print(json.dumps({"fit": json.loads((run_dir / "fit.json").read_text()), "peak_rss_mb": peak_rss_mb(),
                       "metrics": json.loads((run_dir / "metrics.json").read_text()), "eval_seconds": eval_seconds,
                       "first_scores": pd.read_parquet(run_dir / "scores.parquet")["score"].head(8).tolist(),
                       "stage_peaks_mb": memory_probe.stage_peaks(), "cpu_seconds": _cpu_seconds()}))

@@ -6,6 +6,11 @@ One shard per (dataset, category, image size[, crop]) of a manifest:
         images.npy   N x S x S x 3 uint8       masks.npy   N x S x S uint8 (0/1)
         key.json     format, img_size, center_crop, [image, size, mtime_ns, mask, size, mtime_ns] rows
 
+Images kept at their aspect ratio (a :class:`~adlib.data.images.KeepAspect` size: tiled runs)
+differ in size, so their shard (folder ``full``, ``long<L>`` or ``<H>x<W>``) stores them one
+after the other: ``images.npy`` (all pixels, flat), ``masks.npy`` (flat) and ``shapes.npy``
+(N x 2: height, width).
+
 The key covers every source file's path, size and modification time: a shard is reused when it
 holds every image of the manifest unchanged (so the shard of a whole category also serves its
 train-only subset), and a new one is built when a file changed or was added, or for another
@@ -36,7 +41,7 @@ import pandas as pd
 from filelock import FileLock
 
 from adlib.data.files import check_name
-from adlib.data.images import load_sample
+from adlib.data.images import ImageSize, KeepAspect, load_sample, output_shape
 from adlib.data.manifest import DataError, DataWarning, validate_manifest
 from adlib.io import dir_mode, remove_stale_temporaries, temporary_name
 
@@ -73,10 +78,17 @@ class NpyRows:
         """Read-only row ``row``."""
         if not 0 <= row < self.shape[0]:
             raise IndexError(f"row {row} outside 0..{self.shape[0] - 1}")
-        data = os.pread(self._file.fileno(), self._row_bytes, self._offset + row * self._row_bytes)
-        if len(data) != self._row_bytes:
+        return self.span(row, row + 1)[0]
+
+    def span(self, start: int, stop: int) -> np.ndarray:
+        """Read-only rows ``start:stop`` in one read (a ragged shard's image is a span of its flat array)."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"rows {start}:{stop} outside 0..{self.shape[0]}")
+        size = (stop - start) * self._row_bytes
+        data = os.pread(self._file.fileno(), size, self._offset + start * self._row_bytes)
+        if len(data) != size:
             raise DataError(f"{self._file.name} is truncated; rebuild the image cache")
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:])
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
 
 
 class CacheShard:
@@ -86,20 +98,39 @@ class CacheShard:
         self.directory = directory
         self.paths = paths
         self._arrays: tuple[NpyRows, NpyRows] | None = None
+        self._shapes: np.ndarray | None = None  # ragged shards: (height, width) per row
+        self._offsets: np.ndarray | None = None  # ragged shards: first pixel of each row
 
     def arrays(self) -> tuple[NpyRows, NpyRows]:
         if self._arrays is None:
             self._arrays = (NpyRows(self.directory / "images.npy"), NpyRows(self.directory / "masks.npy"))
+            if (self.directory / "shapes.npy").is_file():
+                self._shapes = np.load(self.directory / "shapes.npy")
+                self._offsets = np.concatenate([[0], np.cumsum(self._shapes.prod(axis=1))])
         return self._arrays
 
+    def sample(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read-only image (``H x W x 3``) and mask (``H x W``) of one row."""
+        images, masks = self.arrays()
+        if self._shapes is None:
+            return images[row], masks[row]
+        (h, w), start = self._shapes[row], int(self._offsets[row])
+        return (images.span(3 * start, 3 * (start + h * w)).reshape(h, w, 3),
+                masks.span(start, start + h * w).reshape(h, w))
+
+    def shape(self, row: int) -> tuple[int, int]:
+        """(height, width) of one row."""
+        images, _ = self.arrays()
+        return tuple(int(v) for v in (images.shape[1:3] if self._shapes is None else self._shapes[row]))
+
     def __getstate__(self) -> dict:  # DataLoader workers re-open the files themselves
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_shapes": None, "_offsets": None}
 
 
 class ImageCache:
-    """Memory-mapped decoded images for the rows of a manifest; build it with :meth:`build`."""
+    """Decoded images (read row by row from disk) for the rows of a manifest; build it with :meth:`build`."""
 
-    def __init__(self, shards: list[CacheShard], img_size: int, center_crop: int | None,
+    def __init__(self, shards: list[CacheShard], img_size: ImageSize, center_crop: int | None,
                  built: int = 0) -> None:
         self.shards = shards
         self.img_size = img_size
@@ -108,8 +139,9 @@ class ImageCache:
         self._where = {path: (s, row) for s, shard in enumerate(shards) for row, path in enumerate(shard.paths)}
 
     @property
-    def size(self) -> int:
-        """Side of the cached images: ``center_crop`` or ``img_size``."""
+    def size(self) -> ImageSize:
+        """Side of the cached images: ``center_crop`` or ``img_size`` (a :class:`KeepAspect` size
+        for images kept at their aspect ratio)."""
         return self.center_crop or self.img_size
 
     @property
@@ -123,21 +155,34 @@ class ImageCache:
         return image_path in self._where
 
     def get(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:
-        """Read-only ``S x S x 3`` image and ``S x S`` mask (0/1) of one image path."""
+        """Read-only ``S x S x 3`` image and ``S x S`` mask (0/1) of one image path (``H x W``
+        for a :class:`KeepAspect` size)."""
+        s, row = self._locate(image_path)
+        return self.shards[s].sample(row)
+
+    def shape(self, image_path: str) -> tuple[int, int]:
+        """(height, width) of one cached image, without reading its pixels."""
+        s, row = self._locate(image_path)
+        return self.shards[s].shape(row)
+
+    def _locate(self, image_path: str) -> tuple[int, int]:
         try:
-            s, row = self._where[image_path]
+            return self._where[image_path]
         except KeyError:
             raise DataError(f"{image_path} is not in the image cache; rebuild it with "
                             "ImageCache.build for this manifest") from None
-        images, masks = self.shards[s].arrays()
-        return images[row], masks[row]
 
     @classmethod
-    def build(cls, manifest: pd.DataFrame, cache_root: str | os.PathLike, img_size: int,
+    def build(cls, manifest: pd.DataFrame, cache_root: str | os.PathLike, img_size: ImageSize,
               center_crop: int | None = None, workers: int | None = None) -> "ImageCache":
         """Reuse the shards whose key matches the manifest's files; decode the others."""
         validate_manifest(manifest)
-        if int(img_size) < 1 or (center_crop is not None and not 0 < int(center_crop) <= int(img_size)):
+        if isinstance(img_size, KeepAspect):
+            sides = [v for v in (img_size.long_side, *(img_size.shape or ())) if v is not None]
+            if center_crop is not None or any(int(v) < 1 for v in sides):
+                raise DataError(f"cannot cache images at {img_size}, center_crop={center_crop}: sizes must be "
+                                "positive, and images kept at their aspect ratio are never cropped")
+        elif int(img_size) < 1 or (center_crop is not None and not 0 < int(center_crop) <= int(img_size)):
             raise DataError(f"cannot cache images at img_size={img_size}, center_crop={center_crop}: the size must be "
                             "positive and the crop no larger than it")
         workers = workers or min(8, os.cpu_count() or 1)
@@ -150,9 +195,10 @@ class ImageCache:
         return cls(shards, img_size, center_crop, built)
 
 
-def cache_key(entries: list[tuple[str, str]], img_size: int, center_crop: int | None) -> dict:
+def cache_key(entries: list[tuple[str, str]], img_size: ImageSize, center_crop: int | None) -> dict:
     """What a shard depends on: every source file's path, size and mtime, and the output size."""
-    return {"format": CACHE_FORMAT, "img_size": int(img_size),
+    size = img_size.to_json() if isinstance(img_size, KeepAspect) else int(img_size)
+    return {"format": CACHE_FORMAT, "img_size": size,
             "center_crop": None if center_crop is None else int(center_crop),
             "files": [[image, *_stat(image), mask, *(_stat(mask) if mask else (0, 0))]
                       for image, mask in entries]}
@@ -166,14 +212,15 @@ def _stat(path: str) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def _ensure_shard(group: pd.DataFrame, cache_root: Path, dataset: str, category: str, img_size: int,
+def _ensure_shard(group: pd.DataFrame, cache_root: Path, dataset: str, category: str, img_size: ImageSize,
                   center_crop: int | None, workers: int) -> tuple[CacheShard, bool]:
     unique = group.drop_duplicates("image_path").sort_values("image_path")
     entries = list(zip(unique["image_path"].astype(str), unique["mask_path"].astype(str)))
     key = cache_key(entries, img_size, center_crop)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    base = (cache_root / check_name(dataset, "dataset") / check_name(category, "category")
-            / (f"{img_size}px" + (f"-crop{center_crop}" if center_crop else "")))
+    folder = (img_size.label if isinstance(img_size, KeepAspect)
+              else f"{img_size}px" + (f"-crop{center_crop}" if center_crop else ""))
+    base = cache_root / check_name(dataset, "dataset") / check_name(category, "category") / folder
     final = base / digest
     reusable = _reusable(base, key)
     if reusable is not None:
@@ -273,29 +320,49 @@ def _reserve(path: Path, directory: Path, needed: int) -> None:
                         "cache_dir / ADLIB_CACHE_DIR; the workflow's results folder)") from None
 
 
-def _decode_into(directory: Path, entries: list[tuple[str, str]], img_size: int,
+def _decode_into(directory: Path, entries: list[tuple[str, str]], img_size: ImageSize,
                  center_crop: int | None, workers: int) -> dict:
-    """Decode every entry into images.npy / masks.npy; return their sizes and CRC-32s."""
-    side = center_crop or img_size
-    needed = len(entries) * side * side * 4 + 256
+    """Decode every entry into images.npy / masks.npy (and shapes.npy for a :class:`KeepAspect`
+    size); return their sizes and CRC-32s."""
+    ragged = isinstance(img_size, KeepAspect)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        shapes = np.array(list(pool.map(lambda entry: output_shape(entry[0], img_size, center_crop), entries)),
+                          dtype=np.int64).reshape(-1, 2)
+    pixels = int(shapes.prod(axis=1).sum())
+    needed = pixels * 4 + 256
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise DataError(f"not enough disk space for the image cache in {directory.parent}: it needs "
                         f"{needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; free some space or put the "
                         "cache elsewhere (Settings cache_dir / ADLIB_CACHE_DIR; the workflow's results folder)")
-    images = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(len(entries), side, side, 3))
-    masks = np.lib.format.open_memmap(directory / "masks.npy", mode="w+", dtype=np.uint8,
-                                      shape=(len(entries), side, side))
+    names = ["images.npy", "masks.npy"]
+    if ragged:
+        np.save(directory / "shapes.npy", shapes)
+        names.append("shapes.npy")
+        image_shape, mask_shape = (3 * pixels,), (pixels,)
+    else:
+        side = center_crop or img_size
+        image_shape, mask_shape = (len(entries), side, side, 3), (len(entries), side, side)
+    images = np.lib.format.open_memmap(directory / "images.npy", mode="w+", dtype=np.uint8, shape=image_shape)
+    masks = np.lib.format.open_memmap(directory / "masks.npy", mode="w+", dtype=np.uint8, shape=mask_shape)
     for name in ("images.npy", "masks.npy"):
         _reserve(directory / name, directory, needed)
+    starts = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         samples = pool.map(lambda entry: load_sample(entry[0], entry[1], img_size, center_crop), entries)
         for row, (image, mask) in enumerate(samples):
-            images[row] = image
-            masks[row] = mask
+            if not ragged:
+                images[row] = image
+                masks[row] = mask
+                continue
+            if image.shape[:2] != tuple(shapes[row]):
+                raise DataError(f"image {entries[row][0]} decoded to {image.shape[0]}x{image.shape[1]} but its file "
+                                f"header says {shapes[row][0]}x{shapes[row][1]}: the file is damaged; replace it")
+            start, stop = int(starts[row]), int(starts[row + 1])
+            images[3 * start: 3 * stop] = image.reshape(-1)
+            masks[start:stop] = mask.reshape(-1)
     images.flush()
     masks.flush()
     del images, masks
     return {name: {"bytes": (directory / name).stat().st_size, "crc32": _crc32(directory / name)}
-            for name in ("images.npy", "masks.npy")}
+            for name in names}

@@ -5,7 +5,9 @@ Both :class:`~adlib.data.dataset.ImageDataset` and :class:`~adlib.data.cache.Ima
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -103,8 +105,73 @@ def read_mask(path: str, size: tuple[int, int]) -> Image.Image:
     return binary
 
 
-def resize_crop(image: Image.Image, img_size: int, center_crop: int | None, resample: int) -> Image.Image:
-    """Resize to ``img_size`` x ``img_size``, then optionally cut the central ``center_crop`` square."""
+@dataclasses.dataclass(frozen=True)
+class KeepAspect:
+    """The size of images that are not squashed to a square (tiled runs, docs/tiling.md): their
+    own size (no field set), scaled so the long side is ``long_side``, or exactly ``shape``
+    (height, width)."""
+
+    long_side: int | None = None
+    shape: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, value: int | Sequence[int] | None) -> "KeepAspect":
+        """From the ``tile_image_size`` option: None, a long side, or (height, width)."""
+        if value is None:
+            return cls()
+        if isinstance(value, int):
+            return cls(long_side=int(value))
+        height, width = (int(v) for v in value)
+        return cls(shape=(height, width))
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of ``width`` x ``height`` pixels is resized to."""
+        if self.shape is not None:
+            return self.shape[1], self.shape[0]
+        if self.long_side is None:
+            return width, height
+        scale = self.long_side / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    @property
+    def label(self) -> str:
+        """Short name of this size (cache folders): ``full``, ``long512``, ``512x1024``."""
+        if self.shape is not None:
+            return f"{self.shape[0]}x{self.shape[1]}"
+        return "full" if self.long_side is None else f"long{self.long_side}"
+
+    def to_json(self) -> dict:
+        return {"long_side": self.long_side, "shape": None if self.shape is None else list(self.shape)}
+
+
+#: what an image is resized to: a square side (``img_size``), or a :class:`KeepAspect` size
+ImageSize = int | KeepAspect
+
+
+def output_shape(image_path: str, img_size: ImageSize, center_crop: int | None = None) -> tuple[int, int]:
+    """(height, width) of the decoded sample of ``image_path``, from the file header alone."""
+    if not isinstance(img_size, KeepAspect):
+        side = center_crop or img_size
+        return side, side
+    try:
+        with Image.open(image_path) as image:
+            width, height = img_size.target(*image.size)
+    except FileNotFoundError:
+        raise DataError(f"image {image_path} does not exist (any more); index the data set again") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read the size of image {image_path}: {exc}. Replace it with a good copy") from None
+    return height, width
+
+
+def resize_crop(image: Image.Image, img_size: ImageSize, center_crop: int | None, resample: int) -> Image.Image:
+    """Resize to ``img_size`` x ``img_size``, then optionally cut the central ``center_crop`` square;
+    or, for a :class:`KeepAspect` size, resize to its target (never cropped)."""
+    if isinstance(img_size, KeepAspect):
+        if center_crop is not None:
+            raise ValueError(f"center_crop={center_crop} cannot be combined with a {img_size.label} image size; "
+                             "images kept at their aspect ratio are never cropped")
+        size = img_size.target(*image.size)
+        return image if size == image.size else image.resize(size, resample)
     image = image.resize((img_size, img_size), resample)
     if center_crop is not None:
         if not 0 < center_crop <= img_size:
@@ -114,10 +181,11 @@ def resize_crop(image: Image.Image, img_size: int, center_crop: int | None, resa
     return image
 
 
-def load_sample(image_path: str, mask_path: str, img_size: int,
+def load_sample(image_path: str, mask_path: str, img_size: ImageSize,
                 center_crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decoded, resized sample: uint8 image ``S x S x 3`` and uint8 mask ``S x S`` in {0, 1}
-    (zeros when ``mask_path`` is ""); ``S`` is ``center_crop`` or ``img_size``."""
+    (zeros when ``mask_path`` is ""); ``S`` is ``center_crop`` or ``img_size``. With a
+    :class:`KeepAspect` size the sample is ``H x W`` (see :func:`output_shape`)."""
     image = read_image(image_path)
     pixels = np.asarray(resize_crop(image, img_size, center_crop, Image.BILINEAR), dtype=np.uint8)
     if mask_path:

@@ -14,7 +14,9 @@ Defective images carry one of four defects, with an exact mask (the pixels the d
 size: 0.3 gives faint, small defects that separate detectors (the workflow's built-in default).
 
 ``make_dataset`` writes the MVTec, VisA, BTAD or custom layout; ``make_textures`` and
-``make_imagenet_like`` write tiny DTD- and Imagenette-layout folders. Same arguments, same bytes.
+``make_imagenet_like`` write tiny DTD- and Imagenette-layout folders. ``make_surface_dataset``
+writes large non-square images of a woven surface with small spot defects (tiling tests and
+benchmarks). Same arguments, same bytes.
 """
 from __future__ import annotations
 
@@ -153,6 +155,41 @@ def make_dataset(layout: str, root: str | os.PathLike, *, categories: Iterable[s
         pd.DataFrame(csv_rows, columns=["object", "split", "label", "image", "mask"]).to_csv(
             root / "split_csv" / "1cls.csv", index=False)
     return root
+
+
+def surface_sample(kind: str, index: int, height: int, width: int, defect_size: int = 5,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a large woven surface (``H x W x 3`` uint8: fine weave, soft shading, sensor
+    noise) and its mask; ``kind`` "spot" adds one dark or bright round spot ``defect_size`` pixels
+    across at a random place: a defect that resizing a large image to a model's input erases."""
+    rng = np.random.default_rng([seed, zlib.crc32(kind.encode()), index])
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    dx, dy = rng.uniform(0, 6, 2)
+    weave = 0.06 * np.sin(2 * np.pi * (x + dx) / 6) * np.sin(2 * np.pi * (y + dy) / 6)
+    shade = 0.05 * np.sin(2 * np.pi * (x / width + y / height) + rng.uniform(0, 2 * np.pi))
+    image = np.array([0.55, 0.5, 0.42]) + (weave + shade)[..., None]
+    mask = np.zeros((height, width), dtype=bool)
+    if kind == "spot":
+        margin = defect_size + 2
+        cy, cx = rng.uniform(margin, height - margin), rng.uniform(margin, width - margin)
+        mask = np.hypot(y - cy, x - cx) < defect_size / 2
+        image[mask] = 0.1 if rng.random() < 0.5 else 0.95
+    image = image * rng.uniform(0.97, 1.03) + rng.normal(0, 0.015, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
+
+
+def make_surface_dataset(root: str | os.PathLike, category: str = "surface", *, n_train: int = 8,
+                         n_test_good: int = 4, n_test_bad: int = 4, height: int = 160, width: int = 192,
+                         defect_size: int = 5, seed: int = 0) -> Path:
+    """Write an MVTec-layout category of large non-square surface images with small spot defects
+    (:func:`surface_sample`; defect type "spot") under ``root``; return ``root``."""
+    def draw(kind, i):
+        return surface_sample(kind, i, height, width, defect_size, seed)
+
+    _write_mvtec(Path(root) / category, [draw("train", i)[0] for i in range(n_train)],
+                 [draw("good", i)[0] for i in range(n_test_good)],
+                 [("spot", *draw("spot", i)) for i in range(n_test_bad)])
+    return Path(root)
 
 
 def _save(path: Path, pixels: np.ndarray, **options) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from adlib import artifacts
 from adlib.ensemble.artifact import EnsembleArtifact, load_ensemble
@@ -32,22 +31,22 @@ def member_outputs(ensemble: EnsembleArtifact, paths: list[Path], settings: Sett
     """Each member's raw scores and compact maps of ``paths`` (scored exactly as the runs'
     evaluation did), the data set of the largest member input (for overlays) and the image order."""
     from adlib.run.device import job_device
-    from adlib.run.predict import prediction_dataset
+    from adlib.run.predict import prediction_loader
     from adlib.run.scoring import score_images
 
     device = job_device(settings)
     scores, maps, largest, order = {}, {}, None, None
     for member in ensemble.members:
         model, config = artifacts.load_model(member.model_dir, backbone_dir=settings.backbone_dir, device=device)
-        dataset = prediction_dataset(paths, config)
-        loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
+        loader = prediction_loader(paths, config, settings)
+        dataset = loader.dataset
         wants_maps = member.label in ensemble.fitted.map_members
         scored = score_images(model, loader, device, with_pixels=False, keep_maps=wants_maps, progress=False)
         scores[member.label] = scored.scores
         if wants_maps:
             maps[member.label] = scored.maps
-        if largest is None or dataset.img_size > largest.img_size:
-            largest = dataset
+        if wants_maps and (largest is None or dataset.img_size > largest.img_size):
+            largest = dataset  # map members are never tiled (member_maps), so their sizes are sides
         order = dataset.manifest["image_path"].to_numpy(str)
         del model
     return scores, maps, largest, order

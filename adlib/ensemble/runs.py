@@ -174,9 +174,10 @@ class MemberMaps:
 def member_maps(run: MemberRun, block: Block) -> MemberMaps | None:
     """``run``'s maps for ``block``; ``None`` for image-level models. The reference normals are
     the fit split's normal images; runs evaluated before maps.npz held calibration maps fall back
-    to the test normals (reported as optimistic)."""
+    to the test normals (reported as optimistic). Tiled runs join at score level only: their maps
+    keep each image's aspect ratio and do not align with square maps."""
     test = run.maps(TEST)
-    if test is None:
+    if test is None or run.config.get("train", {}).get("tile_size"):
         return None
     test_maps = _in_order(*test, block.test.image_path, run)
     reference = run.maps(CALIBRATION) if block.fit_split == CALIBRATION else None

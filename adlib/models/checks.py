@@ -1,6 +1,8 @@
 """Checking a configuration before any job runs: unknown keys, value types, training ranges, and
 whatever the model's constructor refuses (layer names a backbone lacks, sizes it cannot take,
-impossible option combinations). Every problem is returned at once, each naming its key.
+impossible option combinations), and tiling values (:func:`adlib.tiling.tiling_problems`; a
+tiled model is checked at its tile size and must produce maps). Every problem is returned at
+once, each naming its key.
 
 The constructor check builds the model on PyTorch's ``meta`` device with random-init weights
 (no memory is allocated and no weight file is read, so it takes milliseconds to a second) and
@@ -44,6 +46,7 @@ class Problem:
 def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build: bool = True) -> list[Problem]:
     """Every problem of registered configuration ``name`` with ``overrides``; [] when it is valid."""
     from adlib.models.registry import TrainDefaults, get_spec, resolve_config
+    from adlib.tiling import model_input_side, tiling_problems
 
     overrides = dict(overrides or {})
     try:
@@ -60,14 +63,18 @@ def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build
             problems.append(Problem(key, f"{value!r} is not {_describe(hint)}" + _yaml_hint(value)))
     bad = {p.key for p in problems}
     problems += [Problem(key, message) for key, message in _train_ranges(config.train) if key not in bad]
+    problems += [Problem(key, message) for key, message in tiling_problems(config.train) if key not in bad]
     if problems or not build:
         return problems
-    side = int(config.train.get("center_crop") or config.train["img_size"])
+    side = model_input_side(config.train)
     try:
         model = _build_on_meta(config)
         model.check_input_size((side, side))
     except (ValueError, TypeError, RuntimeError, KeyError, NotImplementedError) as err:
         return [Problem(None, str(err).strip())]
+    if config.train.get("tile_size") is not None and not model.produces_maps:
+        return [Problem("tile_size", f"{spec.name} scores whole images only (no anomaly maps), so it cannot be "
+                                     "tiled: drop tile_size, or choose a model that produces maps")]
     try:
         _predict_on_meta(model, side)
     except (ValueError, TypeError) as err:

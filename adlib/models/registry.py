@@ -47,6 +47,12 @@ class TrainDefaults:
     early_stopping_target: float | None = None  # stop once the validation metric reaches this
     validate_every: int | None = None  # epochs between validation checks (None: never)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # tiling (docs/tiling.md): set tile_size to train on tiles and predict tile by tile on full images
+    tile_size: int | None = None  # side of a tile, the model's input (img_size and center_crop are unused)
+    tile_stride: int | None = None  # pixels between tiles (None: tile_size, no overlap)
+    tile_blend: Literal["mean", "max", "gaussian"] = "mean"  # how overlapping tile maps combine
+    tiles_per_image: int | None = None  # training: a seeded random subset of each image's tiles (None: all)
+    tile_image_size: int | tuple[int, int] | None = None  # images' long side, or (height, width); None: own size
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainDefaults))

@@ -16,6 +16,7 @@ RANK_METRICS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pix
 #: numeric leaderboard columns summarised per model (mean and std over categories and seeds)
 SUMMARY_COLUMNS = (*RANK_METRICS, "fit_seconds", "inference_ms_b1", "inference_ms_batch", "peak_rss_mb",
                    "peak_cuda_mb")
+TILING_COLUMNS = ("tile_size", "tile_stride", "tile_blend", "tiles_per_image", "tile_image_size")
 _PROVENANCE = ("device", "gpu", "cpu", "hostname", "adlib_version", "torch_version", "timm_version", "python",
                "git_commit", "config_hash", "random_backbone", "created")
 
@@ -35,6 +36,7 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "family": config.get("family"),
         "backbone": prov.get("backbone") or model.get("backbone"),
         "img_size": train.get("img_size"),
+        **tiling_columns(train),
         "num_epochs": train.get("num_epochs"),
         "batch_size": train.get("batch_size"),
         "epochs_run": fit.get("epochs_run"),
@@ -78,6 +80,20 @@ def leaderboard_row(run_dir: str | os.PathLike) -> dict[str, Any]:
     row["notes"] = "; ".join(str(n) for n in metrics.get("notes") or [])
     row["run_dir"] = str(run_dir)
     return row
+
+
+def tiling_columns(train: dict) -> dict[str, Any]:
+    """A run's tiling (docs/tiling.md): tile side, stride, blending, training tiles per image and
+    the image size tiles are cut from (``full``, ``long<L>``, ``<H>x<W>``); all None when untiled."""
+    from adlib.data.images import KeepAspect
+
+    tile = train.get("tile_size")
+    if tile is None:
+        return dict.fromkeys(TILING_COLUMNS)
+    size = train.get("tile_image_size")
+    return {"tile_size": tile, "tile_stride": train.get("tile_stride") or tile,
+            "tile_blend": train.get("tile_blend") or "mean", "tiles_per_image": train.get("tiles_per_image"),
+            "tile_image_size": KeepAspect.of(size).label}
 
 
 def _short(value) -> str:

@@ -17,13 +17,25 @@ def split_of(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
 
 
 def image_loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: str | Path | None, settings: Settings, *,
-                 shuffle: bool, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
-    """The images of ``manifest`` at the configuration's size (and crop), seeded shuffling."""
-    from adlib.data import ImageCache, ImageDataset
+                 shuffle: bool, batch_size: int | None = None, drop_last: bool = False,
+                 training: bool = False) -> DataLoader:
+    """The images of ``manifest`` at the configuration's size (and crop), seeded shuffling.
 
-    size, crop = int(train_cfg["img_size"]), train_cfg.get("center_crop")
+    A tiled configuration (docs/tiling.md) keeps the images at their aspect ratio: a
+    ``training`` loader yields their tiles, any other loader whole images one at a time (their
+    sizes may differ; the tiled model batches their tiles).
+    """
+    from adlib.data import ImageCache, ImageDataset
+    from adlib.tiling import TileDataset, Tiling, image_geometry
+
+    size, crop = image_geometry(train_cfg)
     cache = ImageCache.build(manifest, Path(cache_root), size, center_crop=crop) if cache_root is not None else None
     dataset = ImageDataset(manifest, size, center_crop=crop, normalize=False, cache=cache)
+    tiling = Tiling.of(train_cfg)
+    if tiling is not None and training:
+        dataset = TileDataset(dataset, tiling, seed=settings.seed)
+    elif tiling is not None:
+        batch_size = 1
     generator = torch.Generator().manual_seed(settings.seed)
     return DataLoader(dataset, batch_size=batch_size or int(train_cfg["batch_size"]), shuffle=shuffle,
                       drop_last=drop_last, num_workers=settings.num_workers, generator=generator,

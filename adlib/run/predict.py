@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from adlib import artifacts
 from adlib.evaluation.thresholds import MODEL_METHODS
 from adlib.io import atomic_path, read_json
 from adlib.run.device import job_device
 from adlib.run.evaluate import model_dir_of
+from adlib.run.loaders import image_loader
 from adlib.run.pictures import overlay_inputs, picture_name
 from adlib.run.scoring import score_images
 from adlib.settings import Settings
@@ -45,15 +45,13 @@ def decision_threshold(metrics: dict, method: str) -> float:
     return found[2]
 
 
-def prediction_dataset(paths: list[Path], config: dict):
-    """New images as a data set at a run's input size (labels are unknown: 0 is a placeholder
-    the scoring never reads)."""
-    from adlib.data import ImageDataset
+def prediction_loader(paths: list[Path], config: dict, settings: Settings):
+    """New images in a loader at a run's input size, tiled as the run was (labels are unknown:
+    0 is a placeholder the scoring never reads)."""
     from adlib.data.manifest import make_manifest, manifest_row
 
     manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
-    return ImageDataset(manifest, int(config["train"]["img_size"]), center_crop=config["train"].get("center_crop"),
-                        normalize=False)
+    return image_loader(manifest, config["train"], None, settings, shuffle=False)
 
 
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
@@ -75,8 +73,8 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
         raise ValueError(f"{config['name']} has no {threshold_method!r} decision rule (only U-Flow has 'nfa'); "
                          "choose another --threshold-method, e.g. percentile_95")
     threshold = 0.0 if own_rule else decision_threshold(metrics, threshold_method)
-    dataset = prediction_dataset(collect_images(images), config)
-    loader = DataLoader(dataset, batch_size=int(config["train"]["batch_size"]), shuffle=False)
+    loader = prediction_loader(collect_images(images), config, settings)
+    dataset = loader.dataset
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)
     statistic = scored.decision if own_rule else scored.scores

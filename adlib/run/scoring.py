@@ -74,7 +74,7 @@ def score_images(model: AnomalyModel, loader: DataLoader, device: torch.device, 
                     maps.append(compact_maps(amap))
     pixel_metrics = pixels.compute() if pixels is not None else None
     timed = np.asarray(per_image_ms[1:] if len(per_image_ms) > 1 else per_image_ms)
-    return ScoredImages(np.concatenate(scores), np.concatenate(maps) if maps else None, pixel_metrics,
+    return ScoredImages(np.concatenate(scores), stack_maps(maps) if maps else None, pixel_metrics,
                         {t: m.compute() for t, m in by_type.items() if m.grid is not None},
                         float(np.median(timed)), (float(np.percentile(timed, 25)), float(np.percentile(timed, 75))),
                         np.concatenate(decisions) if decisions else None)
@@ -97,6 +97,17 @@ def compact_maps(maps: torch.Tensor) -> np.ndarray:
         maps = torch.nn.functional.interpolate(maps[:, None], size=(round(h * scale), round(w * scale)),
                                                mode="bilinear", align_corners=False)[:, 0]
     return maps.numpy().astype(np.float16)
+
+
+def stack_maps(batches: list[np.ndarray]) -> np.ndarray:
+    """One array of the compact maps of every batch; maps of images of different sizes (tiled
+    runs keep each image's own) are stretched to ``STORED_MAP_SIZE`` squares first."""
+    if len({batch.shape[1:] for batch in batches}) == 1:
+        return np.concatenate(batches)
+    square = (STORED_MAP_SIZE, STORED_MAP_SIZE)
+    return np.concatenate([torch.nn.functional.interpolate(torch.from_numpy(batch.astype(np.float32))[:, None],
+                                                           size=square, mode="bilinear", align_corners=False)
+                           [:, 0].numpy().astype(np.float16) for batch in batches])
 
 
 def latency_ms_batch1(model: AnomalyModel, dataset, device: torch.device, n: int = LATENCY_IMAGES,

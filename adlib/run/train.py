@@ -20,6 +20,7 @@ from adlib.models.registry import ModelSpec, build_model, get_spec, resolve_conf
 from adlib.run.device import job_device
 from adlib.run.loaders import auxiliary_streams, image_loader, split_of
 from adlib.settings import Settings
+from adlib.tiling import model_input_side, prepare_tiled_images, tiled
 from adlib.training import FitData, Validator, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,22 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
     manifest = load_manifests(manifest_path)
     split = training_split(manifest, spec, tcfg, settings.seed, source=f"manifest {manifest_path}")
     validation_source = _validation_source(manifest, split, tcfg)
+    prepare_tiled_images(manifest, tcfg, cache_root)  # tiled runs: images checked against the tile, cached
     check_writable(run_dir.parent)
     device = job_device(settings)
     model: AnomalyModel = build_model(config, pretrained=pretrained, backbone_dir=settings.backbone_dir)
-    side = int(tcfg.get("center_crop") or tcfg["img_size"])
+    side = model_input_side(tcfg)
     model.check_input_size((side, side))
+    tiled(model, tcfg)  # a tiled configuration of a model without maps fails here, before training
     aux, aux_sources = auxiliary_streams(model, tcfg, settings)
 
     gradient = model.learns_by == "gradient"
     loader = image_loader(split.train, tcfg, cache_root, settings, shuffle=gradient,
-                          drop_last=gradient and len(split.train) > int(tcfg["batch_size"]))
-    validation = (image_loader(split.validation, tcfg, cache_root, settings, shuffle=False)
+                          drop_last=gradient and len(split.train) > int(tcfg["batch_size"]), training=True)
+    validation = (image_loader(split.validation, tcfg, cache_root, settings, shuffle=False, training=True)
                   if not split.validation.empty else None)
+    if len(loader.dataset) != len(split.train):
+        log.info("tiled: %d training tiles of %d px from %d images", len(loader.dataset), side, len(split.train))
     validator = None
     if tcfg.get("validate_every"):
         validator = _validator(validation_source, manifest, validation, tcfg, cache_root, settings, device)
@@ -164,7 +169,8 @@ def _validator(source: str, manifest: pd.DataFrame, validation: DataLoader | Non
                cache_root, settings: Settings, device: torch.device) -> Validator:
     if source == "calibration":
         loader = image_loader(split_of(manifest, "calibration"), tcfg, cache_root, settings, shuffle=False)
-        return Validator("calibration_image_auroc", lambda m: _image_auroc(m, loader, device), higher_is_better=True)
+        return Validator("calibration_image_auroc", lambda m: _image_auroc(tiled(m, tcfg), loader, device),
+                         higher_is_better=True)
     return Validator("validation_loss", lambda m: _mean_loss(m, validation, device), higher_is_better=False)
 
 
