@@ -19,6 +19,7 @@ _MODEL_MODULES = (
     "fastflow",
     "draem",
     "autoencoder",
+    "efficientad",
 )
 
 

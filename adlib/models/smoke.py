@@ -21,6 +21,7 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
                       "flow_steps": 2},
     "fastflow-deit": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
                       "flow_steps": 2},
+    "efficientad-*": {"batch_size": 1},  # the method trains on one image per step
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
