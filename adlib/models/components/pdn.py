@@ -30,6 +30,7 @@ class Layer(NamedTuple):
 
 
 _POOL = Layer("pool", kernel=2, padding=1)
+#: both layouts start with conv1 (ReLU) and a pooling: the layers a teacher and its student can share a pass of
 LAYOUTS: dict[str, tuple[Layer, ...]] = {
     "small": (Layer("conv", 128, 4, 3), _POOL, Layer("conv", 256, 4, 3), _POOL, Layer("conv", 256, 3, 1),
               Layer("conv", None, 4, 0)),
@@ -42,6 +43,9 @@ def check_size(size: str) -> str:
     if size not in PDN_SIZES:
         raise ValueError(f"EfficientAD model_size must be one of {PDN_SIZES}; got {size!r}")
     return size
+
+
+STEM = 2
 
 
 class PatchDescriptionNetwork(nn.Module):
@@ -67,10 +71,11 @@ class PatchDescriptionNetwork(nn.Module):
         """The last convolution (no activation after it)."""
         return getattr(self, f"conv{self.num_convs}")
 
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before :attr:`head` (the input of the last convolution)."""
-        n = 0
-        for layer in self.layers:
+    def trunk(self, x: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """Everything before :attr:`head` (the input of the last convolution); ``x`` has been
+        through the first ``skip`` layers already (e.g. :data:`STEM`)."""
+        n = sum(layer.kind == "conv" for layer in self.layers[:skip])
+        for layer in self.layers[skip:]:
             if layer.kind == "pool":
                 x = F.avg_pool2d(x, 2, 2, padding=layer.padding if self.padding else 0)
                 continue
@@ -162,4 +167,4 @@ def seeded(factory, seed: int) -> nn.Module:
 
 
 __all__ = ["Autoencoder", "LAYOUTS", "PDN_SIZES", "PatchDescriptionNetwork", "TEACHER_RECORD_KEY", "UNPADDED_BORDER",
-           "check_size", "pdn_state_dict", "seeded", "teacher_name"]
+           "STEM", "check_size", "pdn_state_dict", "seeded", "teacher_name"]
