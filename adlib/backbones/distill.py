@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,14 +87,23 @@ class DistillConfig:
 
 # ----- images ------------------------------------------------------------------------------------
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image file below ``folder`` (any depth), sorted; a DistillError names an empty folder."""
+    """Every image file below ``folder`` (any depth, linked folders too), sorted; a DistillError names an
+    empty folder."""
     from adlib.data.files import is_image
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DistillError(f"image folder {root} {'is not a directory' if root.exists() else 'does not exist'}: "
                            "give a folder of natural images (e.g. ImageNet or Imagenette train images)")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image(p))
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):  # linked folders count (each once)
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names if is_image(Path(name))]
+    files.sort()
     if not files:
         raise DistillError(f"image folder {root} holds no images (.png, .jpg, .jpeg, .bmp, .tif): give a folder "
                            "of natural images (e.g. ImageNet or Imagenette train images)")
