@@ -19,9 +19,12 @@ class RunFailed(RuntimeError):
     """The model's process failed; the message ends with its stderr."""
 
 
-def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path) -> dict:
+def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path,
+                 backbone_dir: str | Path | None = None) -> dict:
     cmd = [sys.executable, __file__, model, "--manifest", str(manifest), "--cache", str(cache), "--out", str(out),
            "--overrides", json.dumps(overrides), "--data-root", str(data_root)]
+    if backbone_dir is not None:
+        cmd += ["--backbone-dir", str(backbone_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RunFailed(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -34,7 +37,8 @@ def _worker(args: argparse.Namespace) -> None:
     from adlib.run import evaluate_run, train_run
     from adlib.settings import Settings
 
-    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0)
+    extra = {"backbone_dir": args.backbone_dir} if args.backbone_dir else {}
+    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0, **extra)
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
               progress=False)
@@ -51,4 +55,5 @@ if __name__ == "__main__":
     parser.add_argument("model")
     for option in ("--manifest", "--cache", "--out", "--overrides", "--data-root"):
         parser.add_argument(option, required=True)
+    parser.add_argument("--backbone-dir", default=None)
     _worker(parser.parse_args())
