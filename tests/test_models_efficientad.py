@@ -229,6 +229,14 @@ def test_teacher_files_load_in_both_layouts_and_a_wrong_shape_is_a_clear_error(t
     assert "not a PDN-small teacher" in text and "distill-teacher --size small" in text
 
 
+def test_the_hard_feature_quantile_equals_torch_quantile():
+    from adlib.models.efficientad import quantile
+
+    values = torch.rand(1, 7, 13, 11, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.5, 0.999, 1.0):
+        torch.testing.assert_close(quantile(values, q), torch.quantile(values, q))
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="model_size"):
         _model(model_size="large")
