@@ -47,7 +47,8 @@ def _model(name="efficientad-small", **overrides):
 
 
 def test_registry_defaults_are_the_papers():
-    assert canonical_name("efficientad-s") == "efficientad-small" and canonical_name("efficientad-m") == "efficientad-medium"
+    assert canonical_name("efficientad-s") == "efficientad-small"
+    assert canonical_name("efficientad-m") == "efficientad-medium"
     for name in ("efficientad-small", "efficientad-medium"):
         spec = get_spec(name)
         assert spec.family == "distillation"
@@ -95,7 +96,8 @@ def test_quantiles_come_from_held_out_training_images_never_the_test_split(data_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     provenance = json.loads((second / "provenance.json").read_text())
     assert provenance["validation"] == "validation"
-    assert provenance["auxiliary"]["penalty"].startswith("folder:") and "imagenette2" in provenance["auxiliary"]["penalty"]
+    penalty = provenance["auxiliary"]["penalty"]
+    assert penalty.startswith("folder:") and "imagenette2" in penalty
     assert "for tests only" in provenance["teacher"]["source"] and "teacher_warning" in provenance
 
 

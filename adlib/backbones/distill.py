@@ -16,16 +16,19 @@ same image at 512 px. This module does that from any backbone the offline catalo
 
 The result is a safetensors file under the catalog name (``efficientad_teacher_small`` ...)
 with the distillation record in its metadata (and a ``.provenance.json`` beside it).
-Checkpoints every ``checkpoint_every`` steps (and on Ctrl-C) make a run resumable: the same
+Checkpoints every ``checkpoint_every`` steps (and on Ctrl-C or SIGTERM) make a run resumable: the same
 command continues where it stopped, with the same images in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,7 +178,8 @@ class TargetFeatures(nn.Module):
         reductions = self.extractor.reductions
         if reductions[0] != 8 or sorted(reductions) != list(reductions):
             raise DistillError(f"the first layer must have stride 8 (at twice the PDN's input side its grid is the "
-                               f"PDN's map) and the others be as deep or deeper; {source} layers {list(layers)} have strides {reductions}. "
+                               f"PDN's map) and the others be as deep or deeper; {source} layers {list(layers)} have "
+                               f"strides {reductions}. "
                                "Use e.g. --layers layer2 layer3")
         for i, kernel in enumerate(patch_kernels(self.extractor.channels, pool_dim, out_channels)):
             self.register_buffer(f"kernel{i}", kernel)
@@ -230,7 +234,8 @@ def distill_teacher(config: DistillConfig, output: str | Path, *, backbone_dir: 
 
     target = TargetFeatures(config.source, config.layers, config.pool_dim, config.out_channels,
                             pretrained=pretrained_source, backbone_dir=backbone_dir).to(device)
-    pdn = seeded(lambda: PatchDescriptionNetwork(config.size, config.out_channels, padding=True), config.seed).to(device)
+    pdn = seeded(lambda: PatchDescriptionNetwork(config.size, config.out_channels, padding=True), config.seed)
+    pdn.to(device=device, memory_format=torch.channels_last)  # oneDNN's faster layout (~20 % per step on a CPU)
     _check_grids(target, pdn, config.img_size, device)
     optimizer = torch.optim.Adam(pdn.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if checkpoint is not None:
@@ -303,7 +308,8 @@ class _Run:
     output: Path
 
     def train(self, start: int, progress: bool) -> float | None:
-        """Steps ``start .. config.steps``; a checkpoint every ``checkpoint_every`` steps and on Ctrl-C."""
+        """Steps ``start .. config.steps``; a checkpoint every ``checkpoint_every`` steps and on Ctrl-C
+        or SIGTERM (a batch system's notice)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -313,12 +319,13 @@ class _Run:
                    disable=not progress)
         self.pdn.train()
         try:
-            for step in range(start, cfg.steps):
-                loss = distill_step(self, step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                    self.save_checkpoint(step + 1, loss)
+            with _sigterm_interrupts():
+                for step in range(start, cfg.steps):
+                    loss = distill_step(self, step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                        self.save_checkpoint(step + 1, loss)
         except KeyboardInterrupt:
             self.save_checkpoint(step, loss)
             log.warning("distillation interrupted at step %d; checkpoint %s: run the same command to resume",
@@ -341,6 +348,23 @@ class _Run:
             torch.save(payload, tmp)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt meanwhile (main thread only), so it leaves a checkpoint too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def distill_step(run: _Run, step: int) -> float:
     """One optimiser step on the images of position ``step`` (the same images whenever it runs)."""
     cfg = run.config
@@ -350,7 +374,8 @@ def distill_step(run: _Run, step: int) -> float:
     big, small = big.to(run.device), small.to(run.device)
     with torch.no_grad():
         goal = (run.target(grayscale_where(big, flip)) - run.mean) / run.std
-    prediction = run.pdn(_normalize_pdn_input(grayscale_where(small, flip)))
+    inputs = _normalize_pdn_input(grayscale_where(small, flip)).contiguous(memory_format=torch.channels_last)
+    prediction = run.pdn(inputs)
     loss = (prediction - goal).square().mean()
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -364,13 +389,15 @@ def _read_checkpoint(path: Path, config: DistillConfig, prints: str) -> dict | N
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, pickled objects ...
-        raise DistillError(f"cannot read the checkpoint {path} ({type(exc).__name__}): delete it to start over") from exc
+        raise DistillError(f"cannot read the checkpoint {path} ({type(exc).__name__}): delete it to start "
+                           "over") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise DistillError(f"{path} is not a distillation checkpoint of this adlib version: delete it to start over")
     saved = json.loads(checkpoint["config"])
     changed = {k: (saved.get(k), v) for k, v in config.comparable().items() if _plain(saved.get(k)) != _plain(v)}
     if changed or checkpoint["fingerprint"] != prints:
-        what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()) or "the image folder's files"
+        what = (", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                or "the image folder's files")
         raise DistillError(f"the checkpoint {path} was made with other settings ({what}). Rerun with the same "
                            "settings to resume, or delete the checkpoint to start over.")
     if checkpoint["step"] >= config.steps:

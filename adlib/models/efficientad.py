@@ -89,7 +89,7 @@ class EfficientAd(AnomalyModel):
         #: rows (structural, logical), columns (value at the low, at the high quantile); identity until fitted
         self.register_buffer("map_quantiles", torch.tensor([[0.0, 0.1], [0.0, 0.1]]))
         self._rng: torch.Generator | None = None
-        self._sums: list[torch.Tensor] | None = None
+        self._sums: torch.Tensor | None = None  # teacher pass: count, sum, sum of squares per channel
         self._maps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._predictor: tuple[tuple, FusedPredictor] | None = None
 
@@ -102,6 +102,7 @@ class EfficientAd(AnomalyModel):
         n, steps = context.num_train_images, context.steps_per_epoch
         if n > 1 and steps != n:
             self._refuse_batch(-(-n // steps))
+        self.student.output_side(context.img_size)  # images big enough for the PDN (else a clear error)
         self._rng = torch.Generator().manual_seed(int(context.seed))
         self._sums, self._maps = None, []
         for net in (self.teacher, self.student, self.autoencoder):  # oneDNN's faster layout (~20 % per step)

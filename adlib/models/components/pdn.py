@@ -89,13 +89,15 @@ class PatchDescriptionNetwork(nn.Module):
         return self.head(self.trunk(x))
 
     def output_side(self, side: int) -> int:
-        """Side of the output map for an input side."""
+        """Side of the output map for an input side (a ValueError for images smaller than a patch)."""
+        out = int(side)
         for layer in self.layers:
             pad = layer.padding if self.padding else 0
-            side = (side + 2 * pad - layer.kernel) // (2 if layer.kind == "pool" else 1) + 1
-        if side < 1:
-            raise ValueError(f"images are too small for the PDN-{self.size[0].upper()}: need at least 33 px a side")
-        return side
+            out = (out + 2 * pad - layer.kernel) // (2 if layer.kind == "pool" else 1) + 1
+        if out < 1:
+            raise ValueError(f"images of {side} px are too small for EfficientAD's PDN (33x33 px patches): "
+                             "use img_size >= 33 (the paper: 256)")
+        return out
 
 
 def pdn_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
