@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"],
                         help="models that have no backbone option")
     parser.add_argument("--repeats", type=int, default=1, help="runs per model and floor passes (fastest kept)")
+    parser.add_argument("--backbone-dir", default=None,
+                        help="backbone directory of the runs (default ./backbones; pip weight packages are always "
+                             "found), e.g. one holding an EfficientAD teacher")
     args = parser.parse_args()
 
     from adlib.models.registry import get_spec
@@ -83,7 +86,7 @@ def main() -> None:
         overrides = model_overrides(model, args.img_size, sets, args.backbone, args.no_backbone_override)
         layers = get_spec(model).model_defaults.get("layers", ["layer2", "layer3"])
         try:
-            runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root)
+            runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root, args.backbone_dir)
                     for _ in range(max(1, args.repeats))]
         except RunFailed as err:
             print(f"{model}: FAILED\n{err}")

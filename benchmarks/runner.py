@@ -62,10 +62,12 @@ class RunFailed(RuntimeError):
 
 
 def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path, *,
-                 stages: bool = False, settings: dict | None = None) -> dict:
+                 stages: bool = False, settings: dict | None = None, backbone_dir: str | Path | None = None) -> dict:
     cmd = [sys.executable, __file__, model, "--manifest", str(manifest), "--cache", str(cache), "--out", str(out),
            "--overrides", json.dumps(overrides), "--data-root", str(data_root),
            "--settings", json.dumps(settings or {})] + (["--stages"] if stages else [])
+    if backbone_dir is not None:
+        cmd += ["--backbone-dir", str(backbone_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RunFailed(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -81,8 +83,9 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.stages and not memory_probe.enable():
         sys.exit("--stages: this system cannot reset the peak RSS (/proc/self/clear_refs); Linux only")
+    extra = {"backbone_dir": args.backbone_dir} if args.backbone_dir else {}
     settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0,
-                        **json.loads(args.settings))
+                        **{**json.loads(args.settings), **extra})
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
               progress=False)
@@ -112,4 +115,5 @@ if __name__ == "__main__":
         parser.add_argument(option, required=True)
     parser.add_argument("--settings", default="{}", help="Settings fields as JSON")
     parser.add_argument("--stages", action="store_true", help="record the peak RSS per stage")
+    parser.add_argument("--backbone-dir", default=None)
     _worker(parser.parse_args())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import fit_on, normal_images, with_defect
+from tiny import fit_on, normal_images, required_streams, with_defect
 
 from adlib.artifacts import load_model, run_config, save_model, write_record
 from adlib.models.registry import build_model, list_models, resolve_config
@@ -21,9 +21,11 @@ def test_model_trains_predicts_and_round_trips(name, tmp_path):
     config = resolve_config(name, **overrides)
     model = build_model(config, pretrained=False)
     size = int(config.train["img_size"])
-    validation = normal_images(4, size, seed=5) if config.train["validation_fraction"] else None
+    needs_validation = config.train["validation_fraction"] or any(p.split == "validation" for p in model.data_passes)
     report = fit_on(model, normal_images(8, size), batch_size=int(config.train["batch_size"]),
-                    num_epochs=config.train["num_epochs"], max_steps=config.train["max_steps"], validation=validation)
+                    num_epochs=config.train["num_epochs"], max_steps=config.train["max_steps"],
+                    validation=normal_images(4, size, seed=5) if needs_validation else None,
+                    aux=required_streams(model, size))
     assert all(v == v for v in report.loss_history)  # no NaN
 
     test = torch.cat([normal_images(2, size, seed=9), with_defect(normal_images(1, size, seed=9))])

@@ -42,6 +42,17 @@ def fit_on(model, images: torch.Tensor, *, batch_size: int = 4, num_epochs: int 
     return fit(model, data, context, num_epochs=num_epochs, max_steps=max_steps, progress=False, **options)
 
 
+def required_streams(model, size: int, seed: int = 0) -> dict:
+    """Endless random-image batches for each auxiliary stream ``model`` declares without a
+    fallback (what the data layer would stream from its folder)."""
+    def batches(batch_size: int, side: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield torch.rand(batch_size, 3, side, side, generator=g)
+
+    return {s.name: batches(s.batch_size or 4, s.size or size) for s in model.auxiliary_streams() if s.fallback is None}
+
+
 def normal_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Noisy horizontal ramps of slightly different brightness."""
     g = torch.Generator().manual_seed(seed)

@@ -101,7 +101,8 @@ def _teacher(size: str) -> CatalogEntry:
     name = f"efficientad_teacher_{size}"
     fetch = (f"curl -LO {url} && unzip -o efficientad_pretrained_weights.zip && "
              f"cp efficientad_pretrained_weights/pretrained_teacher_{size}.pth {name}.pth")
-    return CatalogEntry(name, f"EfficientAD PDN-{size} teacher distilled from WideResNet-101 (anomalib release)",
+    return CatalogEntry(name, f"EfficientAD PDN-{size} teacher distilled from WideResNet-101 (anomalib release; "
+                              f"or make one offline: adlib backbones distill-teacher --size {size})",
                         fetch, f"{name}.pth",
                         aliases=(f"pretrained_teacher_{size}.pth", f"efficientad/pretrained_teacher_{size}.pth",
                                  f"efficientad_pretrained_weights/pretrained_teacher_{size}.pth"),

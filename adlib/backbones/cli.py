@@ -1,4 +1,5 @@
-"""`adlib backbones list|verify|checksum|where|train-dsr-vq` (argparse sub-commands for the main CLI).
+"""`adlib backbones list|verify|checksum|where|train-dsr-vq|distill-teacher` (argparse sub-commands
+for the main CLI).
 
 The main CLI calls :func:`add_backbone_commands` on its sub-parsers; each command sets
 ``func(args) -> exit code``. ``python -m adlib.backbones.cli ...`` runs them stand-alone.
@@ -111,10 +112,68 @@ def cmd_train_dsr_vq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_teacher(args: argparse.Namespace) -> int:
+    from adlib.backbones.distill import DistillConfig, DistillError, default_output, distill_teacher, provenance_path
+    from adlib.backbones.weights import WeightsFileError
+    from adlib.training import resolve_device
+
+    backbone_dir = _backbone_dir(args)
+    output = Path(args.output) if args.output else default_output(backbone_dir, args.size)
+    options = {key: getattr(args, key) for key in _DISTILL_OPTIONS}
+    try:
+        config = DistillConfig(images=args.images, size=args.size, layers=tuple(args.layers), **options)
+        distill_teacher(config, output, backbone_dir=backbone_dir, device=resolve_device(args.device),
+                        force=args.force, progress=not args.quiet)
+    except (DistillError, MissingWeightsError, WeightsFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the checkpoint is kept beside {output}; run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"wrote {output}\nrecord: {provenance_path(output)}")
+    return 0
+
+
+#: DistillConfig fields with a command-line option of the same name (defaults read from DistillConfig)
+_DISTILL_OPTIONS = ("source", "steps", "batch_size", "lr", "img_size", "norm_images", "seed", "checkpoint_every")
+
+
+def _add_distill_command(sub: argparse._SubParsersAction, common) -> None:
+    import dataclasses
+
+    from adlib.backbones.distill_config import DistillConfig
+    from adlib.models.components.pdn_sizes import PDN_SIZES
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    p = sub.add_parser("distill-teacher", help="distil an EfficientAD PDN teacher from a backbone (offline)",
+                       description="Distil EfficientAD's PDN teacher from any backbone in the backbone directory or "
+                                   "a pip weight package, on any folder of natural images (the paper's recipe). "
+                                   "Writes <backbone-dir>/efficientad_teacher_<size>.safetensors; rerun the same "
+                                   "command to resume an interrupted run.")
+    common(p)
+    p.add_argument("--images", required=True, help="folder of natural images (searched recursively)")
+    p.add_argument("--size", choices=PDN_SIZES, default=defaults["size"], help="PDN size (default %(default)s)")
+    p.add_argument("--layers", nargs="+", default=list(defaults["layers"]),
+                   help="source layers, the first of stride 8 (default %(default)s)")
+    helps = {"source": "backbone to distil from (the paper: %(default)s; e.g. tf_efficientnet_lite0)",
+             "checkpoint_every": "steps between resumable checkpoints (default %(default)s)"}
+    for key in _DISTILL_OPTIONS:
+        value = defaults[key]
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                       help=helps.get(key, "default %(default)s"))
+    p.add_argument("--output", default=None, help="teacher file (default <backbone-dir>/efficientad_teacher_<size>"
+                                                  ".safetensors, where the catalog finds it)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ...")
+    p.add_argument("--force", action="store_true", help="replace an existing teacher file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill_teacher)
+
+
 def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``backbones`` with list / verify / checksum / where / train-dsr-vq to a parser's sub-parsers."""
+    """Add ``backbones`` with list / verify / checksum / where / train-dsr-vq / distill-teacher to a
+    parser's sub-parsers."""
     parser = subparsers.add_parser("backbones", help="offline backbone weights: list, verify, checksum, where, "
-                                                     "train-dsr-vq",
+                                                     "train-dsr-vq, distill-teacher",
                                    description="Offline backbone weights (nothing is ever downloaded).")
     sub = parser.add_subparsers(dest="backbones_command", required=True, metavar="COMMAND")
 
@@ -173,6 +232,7 @@ def add_backbone_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_dsr_vq)
+    _add_distill_command(sub, common)
     return parser
 
 

@@ -39,15 +39,28 @@ def resolve_imagenet_dir(path: str | os.PathLike) -> Path:
         what="ImageNet-like images (<wnid>/*.JPEG, Imagenette layout)",
         fix=("download Imagenette (https://github.com/fastai/imagenette, imagenette2.tgz) on a connected "
              "machine and unpack it so that "
-             f"{path / 'imagenette2' / 'train' / 'n01440764'} holds JPEG files"))
+             f"{path / 'imagenette2' / 'train' / 'n01440764'} holds JPEG files (or ImageNet's train folder; "
+             f"any natural photos in class sub-folders of {path / 'imagenette2' / 'train'} work)"))
 
 
 def _first_with_images(candidates: list[Path], what: str, fix: str) -> Path:
     for candidate in candidates:
         if candidate.is_dir() and any(True for _ in _images_in_classes(candidate)):
             return Path(os.path.abspath(candidate))
-    looked = "\n  ".join(str(c) for c in candidates)
+    looked = "\n  ".join(f"{c} ({_why_not(c)})" for c in candidates)
     raise DataError(f"no {what} found; looked in:\n  {looked}\nTo fix: {fix}")
+
+
+def _why_not(folder: Path) -> str:
+    """Why ``folder`` is not an auxiliary image folder (for the error message)."""
+    if not folder.exists():
+        return "missing"
+    if not folder.is_dir():
+        return "not a folder"
+    loose = sum(1 for p in folder.iterdir() if p.is_file() and is_image(p))
+    if loose:
+        return f"{loose} images directly inside but none in class sub-folders: move them into one, e.g. {folder / 'misc'}"
+    return "no images in class sub-folders"
 
 
 def _images_in_classes(directory: Path):

@@ -28,6 +28,7 @@ _MODEL_MODULES = (
     "fre",
     "reverse_distillation",
     "uninet",
+    "efficientad",
 )
 
 

@@ -163,7 +163,7 @@ def register_variant(name: str, base: str, *, model: Mapping[str, Any] | None = 
     return register(dataclasses.replace(
         parent, name=name, model={**parent.model, **(model or {})},
         train=dataclasses.replace(parent.train, **(train or {})), description=description or parent.description,
-        aliases=(), **facts))
+        **{"aliases": (), **facts}))
 
 
 def _ensure_loaded() -> None:

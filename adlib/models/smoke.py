@@ -34,6 +34,7 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
     "cfa": {"center_crop": None},
     "reverse_distillation": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
     "uninet*": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
+    "efficientad-*": {"batch_size": 1},  # the method trains on one image per step
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
