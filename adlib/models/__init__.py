@@ -19,6 +19,8 @@ _MODEL_MODULES = (
     "fastflow",
     "draem",
     "autoencoder",
+    "dinomaly",
+    "supersimplenet",
 )
 
 

@@ -21,6 +21,10 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
                       "flow_steps": 2},
     "fastflow-deit": {"img_size": 32, "backbone_kwargs": {"img_size": 32, "depth": 2}, "vit_block": 1,
                       "flow_steps": 2},
+    # one tiny ViT for all 18 Dinomaly configurations; 56 px = 4 x 4 patches of 14, no crop
+    "dinomaly-*": {"img_size": 56, "center_crop": None, "target_layers": [0, 1, 2, 3], "groups": [[0, 1], [2, 3]],
+                   "decoder_depth": 4, "backbone_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2}},
+    "supersimplenet*": {"seg_hidden": 16, "cls_hidden": 8},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}
