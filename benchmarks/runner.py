@@ -19,9 +19,12 @@ class RunFailed(RuntimeError):
     """The model's process failed; the message ends with its stderr."""
 
 
-def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path) -> dict:
+def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path,
+                 pretrained: bool = True) -> dict:
+    """``pretrained=False``: frozen backbones get seeded random weights (for networks whose weight
+    files are not installed here, e.g. DINOv2; the results say so)."""
     cmd = [sys.executable, __file__, model, "--manifest", str(manifest), "--cache", str(cache), "--out", str(out),
-           "--overrides", json.dumps(overrides), "--data-root", str(data_root)]
+           "--overrides", json.dumps(overrides), "--data-root", str(data_root), *([] if pretrained else ["--random-init"])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RunFailed(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -37,7 +40,7 @@ def _worker(args: argparse.Namespace) -> None:
     settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0)
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
-              progress=False)
+              pretrained=not args.random_init, progress=False)
     start = time.perf_counter()
     evaluate_run(run_dir, args.manifest, settings, cache_root=args.cache, progress=False)
     eval_seconds = time.perf_counter() - start
@@ -51,4 +54,5 @@ if __name__ == "__main__":
     parser.add_argument("model")
     for option in ("--manifest", "--cache", "--out", "--overrides", "--data-root"):
         parser.add_argument(option, required=True)
+    parser.add_argument("--random-init", action="store_true", help="random-init frozen backbones (pretrained=False)")
     _worker(parser.parse_args())
