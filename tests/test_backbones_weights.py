@@ -196,6 +196,21 @@ def test_official_dinov2_with_registers_file(tmp_path):
     assert smaller(torch.rand(1, 3, 42, 42))[0].shape[-2:] == (3, 3)
 
 
+def _transformers_layers(t: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The encoder layers of a timm DINOv2 state dict ``t`` in the transformers layout."""
+    hf = {}
+    for i in range(depth):
+        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for part, chunk in zip(("query", "key", "value"), t[b + f"attn.qkv.{kind}"].chunk(3)):
+                hf[e + f"attention.attention.{part}.{kind}"] = chunk
+            hf[e + f"attention.output.dense.{kind}"] = t[b + f"attn.proj.{kind}"]
+            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                hf[e + f"{sub}.{kind}"] = t[b + f"{sub}.{kind}"]
+        hf[e + "layer_scale1.lambda1"], hf[e + "layer_scale2.lambda1"] = t[b + "ls1.gamma"], t[b + "ls2.gamma"]
+    return hf
+
+
 def test_transformers_dinov2_folder(tmp_path):
     """A Hugging Face folder (facebook/dinov2-small layout: separate query/key/value) loads too.
     (Checked once against transformers' own Dinov2Model: identical outputs.)"""
@@ -210,15 +225,7 @@ def test_transformers_dinov2_folder(tmp_path):
           "embeddings.position_embeddings": t["pos_embed"], "layernorm.weight": t["norm.weight"],
           "layernorm.bias": t["norm.bias"], "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
           "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"]}
-    for i in range(3):
-        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for part, chunk in zip(("query", "key", "value"), t[b + f"attn.qkv.{kind}"].chunk(3)):
-                hf[e + f"attention.attention.{part}.{kind}"] = chunk
-            hf[e + f"attention.output.dense.{kind}"] = t[b + f"attn.proj.{kind}"]
-            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                hf[e + f"{sub}.{kind}"] = t[b + f"{sub}.{kind}"]
-        hf[e + "layer_scale1.lambda1"], hf[e + "layer_scale2.lambda1"] = t[b + "ls1.gamma"], t[b + "ls2.gamma"]
+    hf.update(_transformers_layers(t, 3))
     (tmp_path / "dinov2_vits14").mkdir()
     save_file(hf, str(tmp_path / "dinov2_vits14" / "model.safetensors"))
     ours = create_backbone(name, pretrained=True, backbone_dir=tmp_path, img_size=70, depth=3).eval()
@@ -241,15 +248,7 @@ def test_dinov2_with_registers_from_hugging_face_folders(tmp_path):
           "layernorm.weight": t["norm.weight"], "layernorm.bias": t["norm.bias"],
           "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
           "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"]}
-    for i in range(2):
-        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for part, chunk in zip(("query", "key", "value"), t[b + f"attn.qkv.{kind}"].chunk(3)):
-                hf[e + f"attention.attention.{part}.{kind}"] = chunk
-            hf[e + f"attention.output.dense.{kind}"] = t[b + f"attn.proj.{kind}"]
-            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                hf[e + f"{sub}.{kind}"] = t[b + f"{sub}.{kind}"]
-        hf[e + "layer_scale1.lambda1"], hf[e + "layer_scale2.lambda1"] = t[b + "ls1.gamma"], t[b + "ls2.gamma"]
+    hf.update(_transformers_layers(t, 2))
     (tmp_path / "hf" / "dinov2-with-registers-small").mkdir(parents=True)
     save_file(hf, str(tmp_path / "hf" / "dinov2-with-registers-small" / "model.safetensors"))
     ours = create_backbone(name, pretrained=True, backbone_dir=tmp_path / "hf", img_size=70, depth=2).eval()

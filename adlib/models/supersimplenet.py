@@ -45,6 +45,7 @@ from adlib.models.components.features import local_patch_average
 from adlib.models.components.focal_loss import binary_focal_loss
 from adlib.models.components.maps import gaussian_blur2d, upsample_map
 from adlib.models.components.perlin import perlin_noise
+from adlib.models.components.schedules import epoch_milestones
 from adlib.models.registry import ModelSpec, TrainDefaults, register, register_variant
 
 
@@ -186,8 +187,7 @@ class SuperSimpleNet(AnomalyModel):
             {"params": self.adaptor.parameters(), "lr": self.adaptor_lr, "weight_decay": self.adaptor_weight_decay},
             {"params": self.head.parameters(), "lr": self.head_lr, "weight_decay": self.head_weight_decay}])
         epochs = self.fit_context.num_epochs if self.fit_context is not None else 1
-        milestones = sorted({max(int(m * epochs), 1) for m in self.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.lr_gamma)
+        scheduler = epoch_milestones(optimizer, epochs, self.lr_milestones, self.lr_gamma)
         return [OptimizerSpec(optimizer, scheduler, interval="epoch")]
 
     def training_step(self, batch: TrainBatch, step: Step, stepper=None) -> dict[str, torch.Tensor]:

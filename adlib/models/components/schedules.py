@@ -1,7 +1,9 @@
-"""Learning-rate schedules sized in optimiser steps (step them with ``OptimizerSpec(interval="step")``)."""
+"""Learning-rate schedules: warm-up + cosine sized in optimiser steps (step it with
+``OptimizerSpec(interval="step")``), and decays at fractions of the epochs (``interval="epoch"``)."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -28,3 +30,11 @@ def warm_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int,
     """A per-step scheduler following :func:`warm_cosine_factor` for every parameter group."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warm_cosine_factor(step, int(total), int(warmup), float(final_ratio)))
+
+
+def epoch_milestones(optimizer: torch.optim.Optimizer, num_epochs: int, fractions: Sequence[float],
+                     gamma: float) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Multiply the learning rates by ``gamma`` at each fraction of ``num_epochs`` (per-epoch steps;
+    every milestone at least epoch 1)."""
+    milestones = sorted({max(int(f * num_epochs), 1) for f in fractions})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)

@@ -44,24 +44,33 @@ def patch_size(model: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
-class VitBlockFeatures(nn.Module):
+class _FrozenBlocks(nn.Module):
+    """A frozen transformer read at ``blocks``; always in eval mode."""
+
+    def __init__(self, name: str, blocks: Sequence[int], *, pretrained: bool, backbone_dir: str | Path | None,
+                 prune_norm: bool, **timm_kwargs) -> None:
+        super().__init__()
+        self.name = name
+        self.blocks = [int(b) for b in blocks]
+        self.model = frozen_transformer(name, self.blocks, pretrained=pretrained, backbone_dir=backbone_dir,
+                                        prune_norm=prune_norm, **timm_kwargs)
+        self.mean, self.std = input_stats(name)
+
+    def train(self, mode: bool = True) -> "_FrozenBlocks":
+        return super().train(False)
+
+
+class VitBlockFeatures(_FrozenBlocks):
     """Frozen extractor returning one ``[B, C, h, w]`` map per index in ``blocks`` (0-based)."""
 
     def __init__(self, name: str, blocks: Sequence[int], *, pretrained: bool = True,
                  backbone_dir: str | Path | None = None, **timm_kwargs) -> None:
-        super().__init__()
-        self.name = name
-        self.blocks = [int(b) for b in blocks]
-        model = frozen_transformer(name, self.blocks, pretrained=pretrained, backbone_dir=backbone_dir,
-                                   prune_norm=False, **timm_kwargs)
-        self.model = model
+        super().__init__(name, blocks, pretrained=pretrained, backbone_dir=backbone_dir, prune_norm=False,
+                         **timm_kwargs)
+        model = self.model
         self.channels = [int(model.embed_dim)] * len(self.blocks)
         self.reductions = [patch_size(model)] * len(self.blocks)
         self.img_size = tuple(getattr(model.patch_embed, "img_size", None) or ())
-        self.mean, self.std = input_stats(name)
-
-    def train(self, mode: bool = True) -> "VitBlockFeatures":
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -75,7 +84,7 @@ class VitBlockFeatures(nn.Module):
                                                      output_fmt="NCHW", intermediates_only=True))
 
 
-class VitBlockTokens(nn.Module):
+class VitBlockTokens(_FrozenBlocks):
     """Frozen plain ViT returning the raw output tokens ``[B, P + h * w, C]`` of each block in
     ``blocks`` (0-based): ``P`` = :attr:`num_prefix_tokens` (class and register tokens) first, no
     final LayerNorm. Built with ``dynamic_img_size``: any input whose sides are multiples of
@@ -84,23 +93,16 @@ class VitBlockTokens(nn.Module):
 
     def __init__(self, name: str, blocks: Sequence[int], *, pretrained: bool = True,
                  backbone_dir: str | Path | None = None, **timm_kwargs) -> None:
-        super().__init__()
-        self.name = name
-        self.blocks = [int(b) for b in blocks]
-        model = frozen_transformer(name, self.blocks, pretrained=pretrained, backbone_dir=backbone_dir,
-                                   prune_norm=True, **{"dynamic_img_size": True, **timm_kwargs})
+        super().__init__(name, blocks, pretrained=pretrained, backbone_dir=backbone_dir, prune_norm=True,
+                         **{"dynamic_img_size": True, **timm_kwargs})
+        model = self.model
         if not hasattr(model, "_pos_embed"):
             raise ValueError(f"backbone {name!r} is not a plain timm VisionTransformer (no _pos_embed); "
                              "use a ViT such as vit_base_patch14_reg4_dinov2")
-        self.model = model
         self.embed_dim = int(model.embed_dim)
         self.num_heads = int(model.blocks[0].attn.num_heads)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.patch_size = patch_size(model)
-        self.mean, self.std = input_stats(name)
-
-    def train(self, mode: bool = True) -> "VitBlockTokens":
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
