@@ -4,7 +4,7 @@ Default: PaDiM, PatchCore (coreset 0.1) and STFPM on ../shared/data/magnetic_til
 pip-installed EfficientNet-Lite0 at 256 px, on the CPU. Each model runs in its own process so
 peak RSS is its own. Prints one table row per model:
 
-  fit s | test s | ms/img b1 | ms/img bN | peak RSS MiB | image AUROC | pixel AUROC | AUPRO |
+  fit s | s/step | test s | ms/img b1 | ms/img bN | peak RSS MiB | image AUROC | pixel AUROC | AUPRO |
   (fit+test)/floor
 
 With ``--repeats N`` every model runs N times and the floor is timed N times; the fastest of
@@ -12,6 +12,8 @@ each is reported (other load on a shared machine only ever slows a run down).
 
     python benchmarks/bench_models.py                       # issue 3 set
     python benchmarks/bench_models.py --models padim --repeats 3
+    python benchmarks/bench_models.py --models supersimplenet dinomaly-small-224 --no-backbone-override dinomaly-small-224 \
+        --random-init dinomaly-small-224 --set dinomaly-small-224:max_steps=20   # DINOv2 weights are not installed
     python benchmarks/bench_models.py --models dfkde dfm fastflow-resnet18 draem autoencoder \
         --set fastflow-resnet18:num_epochs=2 --set draem:num_epochs=1
 """
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--backbone-dir", default=None,
                         help="backbone directory of the runs (default ./backbones; pip weight packages are always "
                              "found), e.g. one holding an EfficientAD teacher")
+    parser.add_argument("--random-init", nargs="*", default=[],
+                        help="models whose frozen backbone gets random weights (no weight file here, e.g. DINOv2); "
+                             "their rows are marked 'random-init'")
     args = parser.parse_args()
 
     from adlib.models.registry import get_spec
@@ -86,8 +91,8 @@ def main() -> None:
         overrides = model_overrides(model, args.img_size, sets, args.backbone, args.no_backbone_override)
         layers = get_spec(model).model_defaults.get("layers", ["layer2", "layer3"])
         try:
-            runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root, args.backbone_dir)
-                    for _ in range(max(1, args.repeats))]
+            runs = [run_isolated(model, overrides, manifest, cache, work / "runs", root, backbone_dir=args.backbone_dir,
+                                 pretrained=model not in args.random_init) for _ in range(max(1, args.repeats))]
         except RunFailed as err:
             print(f"{model}: FAILED\n{err}")
             continue
@@ -97,7 +102,7 @@ def main() -> None:
             if "backbone" in overrides else None
         rows.append((model, overrides, data, floor))
 
-    header = (f"{'model':22s} {'fit s':>7s} {'test s':>7s} {'ms b1':>7s} {'ms bN':>7s} {'RSS MiB':>8s} "
+    header = (f"{'model':22s} {'fit s':>7s} {'s/step':>7s} {'test s':>7s} {'ms b1':>7s} {'ms bN':>7s} {'RSS MiB':>8s} "
               f"{'img AUROC':>9s} {'px AUROC':>8s} {'AUPRO':>6s} {'floor s':>7s} {'ratio':>6s}")
     print(header)
     print("-" * len(header))
@@ -106,12 +111,15 @@ def main() -> None:
         test_s = m["inference_ms_batch"] * m["n_test"] / 1000.0
         ratio = (f["fit_seconds"] + test_s) / floor if floor else None
         fmt = lambda v, spec: format(v, spec) if v is not None else "n/a"  # noqa: E731
-        print(f"{model:22s} {f['fit_seconds']:7.1f} {test_s:7.1f} {m['inference_ms_b1']:7.1f} "
+        per_step = f["fit_seconds"] / f["steps"] if f.get("steps") else None
+        print(f"{model:22s} {f['fit_seconds']:7.1f} {fmt(per_step, '7.2f')} {test_s:7.1f} {m['inference_ms_b1']:7.1f} "
               f"{m['inference_ms_batch']:7.1f} {f['peak_rss_mb']:8.0f} {fmt(m['image_auroc'], '9.3f')} "
               f"{fmt(m['pixel_auroc'], '8.3f')} {fmt(m['pixel_aupro'], '6.3f')} {fmt(floor, '7.1f')} "
               f"{fmt(ratio, '6.2f')}")
     for model, overrides, data, _ in rows:
-        print(f"  {model}: overrides {overrides}; epochs run {data['fit']['epochs_run']}")
+        random = "; RANDOM-INIT frozen backbone" if model in args.random_init else ""
+        print(f"  {model}: overrides {overrides}; epochs run {data['fit']['epochs_run']}, steps {data['fit']['steps']}, "
+              f"test images {data['metrics']['n_test']}{random}")
 
 
 if __name__ == "__main__":

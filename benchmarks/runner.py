@@ -62,12 +62,17 @@ class RunFailed(RuntimeError):
 
 
 def run_isolated(model: str, overrides: dict, manifest: Path, cache: Path, out: Path, data_root: str | Path, *,
-                 stages: bool = False, settings: dict | None = None, backbone_dir: str | Path | None = None) -> dict:
+                 stages: bool = False, settings: dict | None = None, backbone_dir: str | Path | None = None,
+                 pretrained: bool = True) -> dict:
+    """``pretrained=False``: frozen backbones get seeded random weights (for networks whose weight
+    files are not installed here, e.g. DINOv2; the results say so)."""
     cmd = [sys.executable, __file__, model, "--manifest", str(manifest), "--cache", str(cache), "--out", str(out),
            "--overrides", json.dumps(overrides), "--data-root", str(data_root),
            "--settings", json.dumps(settings or {})] + (["--stages"] if stages else [])
     if backbone_dir is not None:
         cmd += ["--backbone-dir", str(backbone_dir)]
+    if not pretrained:
+        cmd.append("--random-init")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RunFailed(f"{model} failed:\n{done.stderr[-3000:]}")
@@ -88,7 +93,7 @@ def _worker(args: argparse.Namespace) -> None:
                         **{**json.loads(args.settings), **extra})
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
-              progress=False)
+              pretrained=not args.random_init, progress=False)
     start = time.perf_counter()
     evaluate_run(run_dir, args.manifest, settings, cache_root=args.cache, progress=False)
     eval_seconds = time.perf_counter() - start
@@ -116,4 +121,5 @@ if __name__ == "__main__":
     parser.add_argument("--settings", default="{}", help="Settings fields as JSON")
     parser.add_argument("--stages", action="store_true", help="record the peak RSS per stage")
     parser.add_argument("--backbone-dir", default=None)
+    parser.add_argument("--random-init", action="store_true", help="random-init frozen backbones (pretrained=False)")
     _worker(parser.parse_args())

@@ -196,6 +196,21 @@ def test_official_dinov2_with_registers_file(tmp_path):
     assert smaller(torch.rand(1, 3, 42, 42))[0].shape[-2:] == (3, 3)
 
 
+def _transformers_layers(t: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The encoder layers of a timm DINOv2 state dict ``t`` in the transformers layout."""
+    hf = {}
+    for i in range(depth):
+        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for part, chunk in zip(("query", "key", "value"), t[b + f"attn.qkv.{kind}"].chunk(3)):
+                hf[e + f"attention.attention.{part}.{kind}"] = chunk
+            hf[e + f"attention.output.dense.{kind}"] = t[b + f"attn.proj.{kind}"]
+            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                hf[e + f"{sub}.{kind}"] = t[b + f"{sub}.{kind}"]
+        hf[e + "layer_scale1.lambda1"], hf[e + "layer_scale2.lambda1"] = t[b + "ls1.gamma"], t[b + "ls2.gamma"]
+    return hf
+
+
 def test_transformers_dinov2_folder(tmp_path):
     """A Hugging Face folder (facebook/dinov2-small layout: separate query/key/value) loads too.
     (Checked once against transformers' own Dinov2Model: identical outputs.)"""
@@ -210,15 +225,7 @@ def test_transformers_dinov2_folder(tmp_path):
           "embeddings.position_embeddings": t["pos_embed"], "layernorm.weight": t["norm.weight"],
           "layernorm.bias": t["norm.bias"], "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
           "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"]}
-    for i in range(3):
-        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for part, chunk in zip(("query", "key", "value"), t[b + f"attn.qkv.{kind}"].chunk(3)):
-                hf[e + f"attention.attention.{part}.{kind}"] = chunk
-            hf[e + f"attention.output.dense.{kind}"] = t[b + f"attn.proj.{kind}"]
-            for sub in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                hf[e + f"{sub}.{kind}"] = t[b + f"{sub}.{kind}"]
-        hf[e + "layer_scale1.lambda1"], hf[e + "layer_scale2.lambda1"] = t[b + "ls1.gamma"], t[b + "ls2.gamma"]
+    hf.update(_transformers_layers(t, 3))
     (tmp_path / "dinov2_vits14").mkdir()
     save_file(hf, str(tmp_path / "dinov2_vits14" / "model.safetensors"))
     ours = create_backbone(name, pretrained=True, backbone_dir=tmp_path, img_size=70, depth=3).eval()
@@ -226,6 +233,32 @@ def test_transformers_dinov2_folder(tmp_path):
     x = torch.rand(1, 3, 70, 70)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), source(x), rtol=0, atol=1e-5)
+
+
+def test_dinov2_with_registers_from_hugging_face_folders(tmp_path):
+    """facebook/dinov2-with-registers-small (transformers layout, register tokens) and a copied
+    Hugging Face cache entry of timm's file are both found under their own folder names."""
+    name = "vit_small_patch14_reg4_dinov2"
+    torch.manual_seed(8)
+    source = timm.create_model(name, img_size=70, depth=2).eval()
+    t = source.state_dict()
+    hf = {"embeddings.cls_token": t["cls_token"], "embeddings.register_tokens": t["reg_token"],
+          "embeddings.mask_token": torch.zeros(1, 384),
+          "embeddings.position_embeddings": torch.cat([torch.zeros_like(t["cls_token"]), t["pos_embed"]], 1),
+          "layernorm.weight": t["norm.weight"], "layernorm.bias": t["norm.bias"],
+          "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"]}
+    hf.update(_transformers_layers(t, 2))
+    (tmp_path / "hf" / "dinov2-with-registers-small").mkdir(parents=True)
+    save_file(hf, str(tmp_path / "hf" / "dinov2-with-registers-small" / "model.safetensors"))
+    ours = create_backbone(name, pretrained=True, backbone_dir=tmp_path / "hf", img_size=70, depth=2).eval()
+    x = torch.rand(1, 3, 70, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), source(x), rtol=0, atol=1e-5)
+    cache = tmp_path / "cache" / f"models--timm--{name}.lvd142m" / "snapshots" / "0123abc"
+    cache.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(cache / "model.safetensors"))
+    assert resolve_weights(name, tmp_path / "cache").path == cache / "model.safetensors"
 
 
 def test_model_specific_file_loads_into_any_module(tmp_path):

@@ -3,7 +3,8 @@
 Dry runs check the planned grid and bad-input errors; the slow test runs everything, then checks
 that only stale work reruns: nothing after a complete run; one model's runs after its override
 or its source file changes; only the new runs after adding a category; only the missing work
-after a failed run.
+after a failed run. A dataset-scope configuration (Dinomaly multi-class, built small) trains one
+model over two categories and is evaluated and reported per category.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -241,3 +243,46 @@ def test_fastflow_cait_trains_at_its_registered_448_px(tmp_path):
     assert saved["train"]["img_size"] == 448 and saved["model"]["backbone"] == "cait_m48_448"
     assert list((tmp_path / "results/prepared/syn").glob("*/widget/448/manifest.parquet"))
     assert json.loads((run / "metrics.json").read_text())["image_auroc"] is not None
+
+
+# ---------------------------------------------------------------------------------------------- dataset scope
+#: Dinomaly's multi-class configuration (scope "dataset") built small: the shared tiny ViT, 32 px cut to 28
+SMALL_DINOMALY = {"name": "dinomaly-small-224-multiclass",
+                  "overrides": {"backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+                                "target_layers": [0, 1], "groups": [[0], [1]], "decoder_depth": 2,
+                                "img_size": 32, "center_crop": 28, "batch_size": 4, "max_steps": 2}}
+
+
+def dataset_scope_config() -> dict:
+    config = tiny_config(models=[SMALL_DINOMALY])
+    config["datasets"][0]["categories"] = ["widget", "gear"]
+    return config
+
+
+def test_a_dataset_scope_model_plans_one_train_job_and_one_evaluation_per_category(tmp_path):
+    jobs = planned(check(snakemake(tmp_path, dataset_scope_config(), "-n")))
+    model = SMALL_DINOMALY["name"]
+    assert run_jobs(jobs) == {("prepare", "widget", ""), ("prepare", "gear", ""), ("train", "all", model),
+                              ("evaluate", "widget", model), ("evaluate", "gear", model)}
+
+
+@pytest.mark.slow
+def test_a_dataset_scope_model_trains_once_and_reports_per_category(tmp_path):
+    check(snakemake(tmp_path, dataset_scope_config()))
+    model = SMALL_DINOMALY["name"]
+    shared = tmp_path / "results/runs/syn/all" / model / "0"
+    saved = json.loads((shared / "config.json").read_text())
+    assert saved["category"] == "all" and saved["categories"] == ["gear", "widget"]
+    assert saved["train"]["center_crop"] == 28 and saved["train"]["max_steps"] == 2
+    fit = json.loads((shared / "fit.json").read_text())
+    assert fit["num_train_images"] == 12 and fit["steps"] == 2  # 6 normal images of each category
+    board = pd.read_csv(tmp_path / "results/aggregate/leaderboard.csv")
+    assert sorted(board.category) == ["gear", "widget"] and set(board.model) == {model}
+    assert set(board.scope) == {"dataset"} and set(board.supervision) == {"unsupervised"}
+    assert board.image_auroc.notna().all() and board.pixel_auroc.notna().all()
+    for category in ("gear", "widget"):
+        run = tmp_path / "results/runs/syn" / category / model / "0"
+        assert not (run / "model.safetensors").exists()  # evaluated with the shared model
+        assert json.loads((run / "metrics.json").read_text())["model_dir"] == f"../../../all/{model}/0"
+        assert set(pd.read_parquet(run / "scores.parquet").category) == {category}
+        assert np.load(run / "maps.npz")["maps"].shape[-2:] == (28, 28)  # maps at the crop, like the masks

@@ -88,9 +88,12 @@ def _dinov2(size: str, letter: str, reg: bool) -> CatalogEntry:
     hub = f"dinov2_vit{letter}14{'_reg4' if reg else ''}"
     folder = f"dinov2_vit{letter}14{'_reg' if reg else ''}"
     seed_folder = f"dinov2{'reg' if reg else ''}_vit_{size}_14"
+    hf_folder = f"dinov2-{'with-registers-' if reg else ''}{size}"  # Hugging Face facebook/<hf_folder>
     aliases = (f"{hub}_pretrain.pth", f"{folder}/{hub}_pretrain.pth", f"{folder}/model.safetensors",
                f"{folder}/pytorch_model.bin", f"{seed_folder}/{hub}_pretrain.pth",
-               f"{seed_folder}/model.safetensors", f"{seed_folder}/pytorch_model.bin")
+               f"{seed_folder}/model.safetensors", f"{seed_folder}/pytorch_model.bin",
+               f"{hf_folder}/model.safetensors", f"{hf_folder}/pytorch_model.bin",
+               f"models--timm--{name}.lvd142m/snapshots/*/model.safetensors")  # a copied Hugging Face cache entry
     desc = f"DINOv2{' with registers' if reg else ''} ViT-{size[0].upper()}/14 (timm, or the official {hub}_pretrain.pth)"
     return _timm(name, "lvd142m", desc, aliases=aliases, used_by=("dinomaly",))
 

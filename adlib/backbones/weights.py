@@ -13,6 +13,7 @@ import importlib
 import logging
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,32 @@ def timm_state_dict(raw: StateDict, name: str, path: Path, target: nn.Module | N
     raise WeightsFileError(
         f"{path}: does not fit timm architecture {arch_name(name)!r} (closest layout: {fmt}):\n  "
         + _describe(problems)
+        + _transformer_difference(raw, reference.state_dict(), arch_name(name))
         + "\nThe file holds weights for another architecture or variant. Fetch the right file with:\n    "
         + catalog_entry(name).fetch)
+
+
+def _transformer_shape(state: StateDict) -> tuple[int, int, int] | None:
+    """(embedding width, blocks, register tokens) of a ViT state dict in timm's, the official
+    DINOv2 or the transformers layout; None for other networks."""
+    cls_token = next((v for k, v in state.items() if k.endswith("cls_token")), None)
+    if cls_token is None:
+        return None
+    blocks = {m.group(1) for k in state if (m := re.search(r"(?:^|\.)(?:blocks|layer)\.(\d+)\.", k))}
+    registers = next((int(v.shape[1]) for k, v in state.items() if k.endswith(("reg_token", "register_tokens"))), 0)
+    return int(cls_token.shape[-1]), len(blocks), registers
+
+
+def _transformer_difference(raw: StateDict, reference: StateDict, arch: str) -> str:
+    """A line saying how a ViT file differs from the architecture (width, depth, registers)."""
+    file_shape, model_shape = _transformer_shape(raw), _transformer_shape(reference)
+    if file_shape is None or model_shape is None or file_shape == model_shape:
+        return ""
+
+    def text(shape: tuple[int, int, int]) -> str:
+        return f"embedding width {shape[0]}, {shape[1]} blocks, {shape[2]} register tokens"
+
+    return f"\nThe file is a ViT with {text(file_shape)}; {arch} has {text(model_shape)}."
 
 
 def load_checked(model: nn.Module, state: StateDict, path: Path) -> None:

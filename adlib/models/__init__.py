@@ -29,6 +29,8 @@ _MODEL_MODULES = (
     "reverse_distillation",
     "uninet",
     "efficientad",
+    "dinomaly",
+    "supersimplenet",
 )
 
 

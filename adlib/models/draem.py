@@ -31,6 +31,7 @@ from adlib.models.base import AnomalyModel, AnomalyOutput, AuxStream, FitContext
 from adlib.models.components.blocks import UNet, conv_block, up_block
 from adlib.models.components.focal_loss import focal_loss
 from adlib.models.components.maps import max_score
+from adlib.models.components.schedules import epoch_milestones
 from adlib.models.components.sspcab import SSPCAB, sspcab_loss
 from adlib.models.components.ssim import ssim_loss
 from adlib.models.components.synthesis import AnomalySynthesizer
@@ -116,8 +117,7 @@ class Draem(AnomalyModel):
         params = list(self.reconstructive.parameters()) + list(self.discriminative.parameters())
         optimizer = torch.optim.Adam(params, lr=self.lr)
         epochs = self.fit_context.num_epochs if self.fit_context is not None else 1
-        milestones = sorted({max(int(m * epochs), 1) for m in self.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.lr_gamma)
+        scheduler = epoch_milestones(optimizer, epochs, self.lr_milestones, self.lr_gamma)
         return [OptimizerSpec(optimizer, scheduler, interval="epoch")]
 
     def _data_range(self) -> float:

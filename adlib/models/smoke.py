@@ -35,6 +35,10 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
     "reverse_distillation": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
     "uninet*": {"bottleneck_blocks": 1, "decoder_blocks": [1, 1, 1], "width_ratio": 0.25},
     "efficientad-*": {"batch_size": 1},  # the method trains on one image per step
+    # one tiny ViT for all 18 Dinomaly configurations; 56 px = 4 x 4 patches of 14, no crop
+    "dinomaly-*": {"img_size": 56, "center_crop": None, "target_layers": [0, 1, 2, 3], "groups": [[0, 1], [2, 3]],
+                   "decoder_depth": 4, "backbone_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2}},
+    "supersimplenet*": {"seg_hidden": 16, "cls_hidden": 8},
 }
 #: CNN backbones replaced by ResNet-18 in smoke tests
 BIG_CNNS = {"wide_resnet50_2", "wide_resnet101_2", "resnet50", "efficientnet_b5", "tf_efficientnet_b5"}

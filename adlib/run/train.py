@@ -64,12 +64,20 @@ def training_split(manifest: pd.DataFrame, spec: ModelSpec, train_cfg: dict, see
         if labelled.empty:
             raise DataError(f"{spec.name} trains on labelled anomalous images, but {source} has no anomalous test "
                             "image that can move to training (each defect type needs at least 2: one stays in the "
-                            "test split). Use the unsupervised configuration, or add anomalous images.")
+                            f"test split). Use {_unsupervised_alternative(spec)}, or add anomalous images.")
     train = split_of(manifest, "train")
     if train.empty:
         raise DataError(f"{source} has no training images: a model needs normal images in the train split")
     train, validation = carve_validation(train, float(train_cfg["validation_fraction"]), seed)
     return TrainingSplit(train, validation, labelled.reset_index(drop=True))
+
+
+def _unsupervised_alternative(spec: ModelSpec) -> str:
+    """The configurations of the same method that train on normal images only, for error messages."""
+    from adlib.models.registry import list_models
+
+    names = [n for n in list_models() if get_spec(n).cls is spec.cls and get_spec(n).train_labels == "normal"]
+    return f"the unsupervised configuration {' or '.join(names)}" if names else "an unsupervised configuration"
 
 
 def run_category(manifest: pd.DataFrame, spec: ModelSpec) -> str:

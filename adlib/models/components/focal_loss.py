@@ -1,5 +1,6 @@
-"""Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017) for per-pixel
-segmentation logits: ``-alpha_t * (1 - p_t)^gamma * log(p_t)``, averaged over pixels."""
+"""Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017):
+``-alpha_t * (1 - p_t)^gamma * log(p_t)``, averaged, for softmax logits over K classes per pixel
+(:func:`focal_loss`) or for sigmoid logits of a binary target (:func:`binary_focal_loss`)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     if alpha is not None:
         loss = loss * torch.where(target == 1, alpha, 1.0 - alpha)
     return loss.mean()
+
+
+def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss of sigmoid ``logits`` against ``target`` in {0, 1} (same shape), averaged:
+    ``-(1 - p_t)^gamma * log(p_t)`` with ``p_t = sigmoid(logit)`` for positives, ``1 - sigmoid`` else."""
+    logits, target = logits.float(), target.float()
+    log_pt = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (-((1.0 - log_pt.exp()) ** gamma) * log_pt).mean()
