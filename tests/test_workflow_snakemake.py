@@ -4,7 +4,8 @@ Dry runs check the planned grid and bad-input errors; the slow test runs everyth
 that only stale work reruns: nothing after a complete run; one model's runs after its override
 or its source file changes; only the new runs after adding a category; only the missing work
 after a failed run. A dataset-scope configuration (Dinomaly multi-class, built small) trains one
-model over two categories and is evaluated and reported per category.
+model over two categories, is evaluated and reported per category, and one category's changed
+data reruns the shared training and every evaluation of it.
 """
 from __future__ import annotations
 
@@ -268,7 +269,11 @@ def test_a_dataset_scope_model_plans_one_train_job_and_one_evaluation_per_catego
 
 @pytest.mark.slow
 def test_a_dataset_scope_model_trains_once_and_reports_per_category(tmp_path):
-    check(snakemake(tmp_path, dataset_scope_config()))
+    data = tmp_path / "data"  # on disk (MVTec layout), so the test can change one category's files
+    make_dataset("mvtec", data, categories=("widget", "gear"), n_train=6, n_test_good=4, n_test_bad=4, size=32)
+    config = dataset_scope_config()
+    config["datasets"] = [{"name": "syn", "layout": "mvtec", "root": str(data), "categories": ["widget", "gear"]}]
+    check(snakemake(tmp_path, config))
     model = SMALL_DINOMALY["name"]
     shared = tmp_path / "results/runs/syn/all" / model / "0"
     saved = json.loads((shared / "config.json").read_text())
@@ -286,3 +291,11 @@ def test_a_dataset_scope_model_trains_once_and_reports_per_category(tmp_path):
         assert json.loads((run / "metrics.json").read_text())["model_dir"] == f"../../../all/{model}/0"
         assert set(pd.read_parquet(run / "scores.parquet").category) == {category}
         assert np.load(run / "maps.npz")["maps"].shape[-2:] == (28, 28)  # maps at the crop, like the masks
+
+    # one category's data changes: its preparation, the shared training and every evaluation of the
+    # shared model rerun; the other category's preparation does not
+    train_dir = data / "gear" / "train" / "good"
+    shutil.copy(sorted(train_dir.iterdir())[0], train_dir / "extra.png")
+    jobs = planned(check(snakemake(tmp_path, config, "-n")))
+    assert run_jobs(jobs) == {("prepare", "gear", ""), ("train", "all", model), ("evaluate", "widget", model),
+                              ("evaluate", "gear", model)}

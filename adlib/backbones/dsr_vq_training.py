@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,9 +86,10 @@ def _file_list_digest(paths: Sequence[Path]) -> str:
 
 
 def _save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from adlib.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_checkpoint(path: Path, config: VqTrainingConfig, digest: str) -> dict[str, Any] | None:
@@ -137,7 +137,7 @@ def train_general_appearance(images: Sequence[str | Path], out: str | Path, conf
 
     from adlib import __version__
     from adlib.artifacts import git_commit
-    from adlib.io import sha256_file
+    from adlib.io import atomic_path, sha256_file, write_json
     from adlib.models.components.vq import GeneralAppearanceModel
     from adlib.run.predict import collect_images
 
@@ -217,7 +217,8 @@ def train_general_appearance(images: Sequence[str | Path], out: str | Path, conf
               "torch_version": torch.__version__, "git_commit": git_commit(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out), metadata={"format": FORMAT, "provenance": json.dumps(record)})
+    with atomic_path(out) as tmp:
+        save_file(weights, str(tmp), metadata={"format": FORMAT, "provenance": json.dumps(record)})
     record["sha256"] = sha256_file(out)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out.with_suffix(".json"), record)
     return record
