@@ -9,13 +9,18 @@ import torch
 from adlib.models.components.bank_search import BankSearch, bf16_prefilter_available
 
 
+#: clusters of the synthetic banks: items in one cluster are near-equidistant from its queries, so
+#: each cluster stays below the share of the bank at which the prefilter gives way to float32
+CLUSTERS = 200
+
+
 def clustered(n_bank: int, n_query: int, dim: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bank and queries around shared cluster centres, far from the origin (PatchCore-like)."""
     gen = torch.Generator().manual_seed(seed)
-    centres = torch.randn(20, dim, generator=gen) * scale
+    centres = torch.randn(CLUSTERS, dim, generator=gen) * scale
     offset = 5 * scale
-    bank = centres[torch.randint(20, (n_bank,), generator=gen)] + torch.randn(n_bank, dim, generator=gen) * scale * 0.1
-    queries = centres[torch.randint(20, (n_query,), generator=gen)] + torch.randn(n_query, dim, generator=gen) * scale * 0.12
+    bank = centres[torch.randint(CLUSTERS, (n_bank,), generator=gen)] + torch.randn(n_bank, dim, generator=gen) * scale * 0.1
+    queries = centres[torch.randint(CLUSTERS, (n_query,), generator=gen)] + torch.randn(n_query, dim, generator=gen) * scale * 0.12
     return bank + offset, queries + offset
 
 
@@ -89,3 +94,24 @@ def test_bank_search_is_float32_under_autocast():
 def test_prefilter_is_only_offered_on_cpus():
     assert bf16_prefilter_available("meta") is False
     assert isinstance(bf16_prefilter_available("cpu"), bool)
+
+
+def test_items_the_prefilter_cannot_separate_are_searched_in_float32_without_gathering_them_all():
+    # every item at the same distance from the queries' region: the bfloat16 bound keeps them all
+    # as candidates (as random-init features do); gathering 2,048 x 4,096 candidate rows of 1,536
+    # floats would need 51 GB
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(4096, 1536, generator=gen), dim=1) * 100.0
+    queries = torch.randn(2048, 1536, generator=gen) * 1e-3
+    search = BankSearch(bank, prefilter=True)
+    dist, index = search.search(queries)
+    assert search.plain_chunks > 0 and search.prefilter is True  # decided in float32, bound intact
+    want_dist, _ = float64_nearest(queries, bank)
+    torch.testing.assert_close(dist.double(), want_dist, rtol=1e-6, atol=1e-4)  # near-ties: either item
+
+
+def test_real_like_features_stay_on_the_prefilter():
+    bank, queries = clustered(3000, 500, 64, 1.0, seed=3)
+    search = BankSearch(bank, prefilter=True, chunk_elements=200_000)
+    search.search(queries)
+    assert search.plain_chunks == 0

@@ -60,6 +60,11 @@ class BankSearch:
 
     #: coefficients of the error bound ``(A |q| c_max + B c_max^2) u`` (module docstring)
     error_coefficients = (6.5, 2.5)
+    #: share of the bank (at least 64 items) a chunk's queries may keep as candidates on average;
+    #: above it gathering and recomputing them costs more than a plain float32 search, which then
+    #: decides the chunk. Items the bfloat16 bound cannot tell apart (near-equidistant ones, e.g.
+    #: random-init features) all stay candidates; real PatchCore features leave about 4 of 77,004.
+    max_candidate_share = 1 / 64
 
     def __init__(self, bank: torch.Tensor, *, prefilter: bool | None = None, bank_block: int = 4096,
                  chunk_elements: int = 1 << 26) -> None:
@@ -68,6 +73,7 @@ class BankSearch:
         self.bank = bank.float()
         self.centre = self.bank.mean(dim=0)
         self.chunk_elements = int(chunk_elements)
+        self.plain_chunks = 0  # prefilter chunks decided by the plain search (too many candidates)
         self.prefilter = bf16_prefilter_available(bank.device) if prefilter is None else bool(prefilter)
         self._centred: torch.Tensor | None = None  # float32 search only (the prefilter keeps `sorted`)
         self.sorted: torch.Tensor | None = None  # centred rows in norm order (prefilter only)
@@ -131,8 +137,13 @@ class BankSearch:
         c_max = self.block_max_norm
         errors = (a * q_sq.sqrt().unsqueeze(1) * c_max + b * c_max ** 2) * BF16_UNIT_ROUNDOFF
         limit = (minima + errors).amin(dim=1, keepdim=True) + errors  # v~ above: not nearest
-        rows, cols, values, slack = self._candidates(approx, minima, limit, errors)
-        exact = self.sorted_sq[cols] - 2.0 * (self.sorted[cols] * q[rows]).sum(1)
+        per_query = max(64, int(self.max_candidate_share * self.bank.shape[0]))
+        found = self._candidates(approx, minima, limit, errors, per_query * q.shape[0])
+        if found is None:
+            self.plain_chunks += 1
+            return self._plain(q)
+        rows, cols, values, slack = found
+        exact = self._exact_values(q, rows, cols)
         if bool(((exact - values).abs() > slack * 1.0001 + 1e-6).any()):
             warnings.warn("BankSearch: the bfloat16 product exceeded its error bound on this machine; "
                           "searching in float32 instead (exact, slower)", RuntimeWarning, stacklevel=4)
@@ -148,16 +159,28 @@ class BankSearch:
             index[lost] = self._plain(q[lost])
         return index
 
+    def _exact_values(self, q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``|c|^2 - 2 q.c`` of each (query row, sorted position) pair, gathered in pieces of
+        about ``chunk_elements / 4`` values."""
+        step = max(1, self.chunk_elements // (4 * q.shape[1]))
+        return torch.cat([self.sorted_sq[c] - 2.0 * (self.sorted[c] * q[r]).sum(1)
+                          for r, c in zip(rows.split(step), cols.split(step))])
+
     def _candidates(self, approx: list[torch.Tensor], minima: torch.Tensor, limit: torch.Tensor,
-                    errors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(query row, sorted position, v~, error bound)`` of every item with ``v~ <= limit``."""
-        rows, cols, values, slack = [], [], [], []
+                    errors: torch.Tensor, max_count: int) -> tuple[torch.Tensor, ...] | None:
+        """``(query row, sorted position, v~, error bound)`` of every item with ``v~ <= limit``;
+        ``None`` as soon as there are more than ``max_count``."""
+        rows, cols, values, slack, count = [], [], [], [], 0
         for j, start in enumerate(self.block_starts):
             hit_rows = (minima[:, j] <= limit[:, j]).nonzero().flatten()
             if hit_rows.numel() == 0:
                 continue
             sub = approx[j].index_select(0, hit_rows).float()
-            r, c = (sub <= limit[hit_rows, j].unsqueeze(1)).nonzero(as_tuple=True)
+            hits = sub <= limit[hit_rows, j].unsqueeze(1)
+            count += int(hits.sum())
+            if count > max_count:
+                return None
+            r, c = hits.nonzero(as_tuple=True)
             rows.append(hit_rows[r])
             cols.append(c + start)
             values.append(sub[r, c])
