@@ -177,10 +177,11 @@ class BankSearch:
                 continue
             sub = approx[j].index_select(0, hit_rows).float()
             hits = sub <= limit[hit_rows, j].unsqueeze(1)
-            count += int(hits.sum())
+            count += int(torch.count_nonzero(hits))  # (a bool sum would make an int64 copy)
             if count > max_count:
                 return None
             r, c = hits.nonzero(as_tuple=True)
+            del hits
             rows.append(hit_rows[r])
             cols.append(c + start)
             values.append(sub[r, c])
