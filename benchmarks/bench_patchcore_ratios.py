@@ -14,7 +14,9 @@ random projection. The test images are embedded once; per bank the script prints
 * the reweighting factor (median and range over test images): ``1 - 1/9 = 0.889`` when the
   nearest item's neighbours are as close to the test patch as the nearest item itself;
 * the median ``s*`` of normal and of anomalous test images, and how many test images score
-  exactly like another one (ties).
+  exactly like another one (ties);
+* each bank's image AUROC minus that of the default coreset (0.1) on the same images, with a
+  95% paired bootstrap interval (is a difference between ratios more than sampling error?).
 
     python benchmarks/bench_patchcore_ratios.py [--ratios 1.0 0.25 0.1 0.01]
     python benchmarks/bench_patchcore_ratios.py --max-train 250 --test-every 3   # a quicker look
@@ -94,12 +96,27 @@ def score_bank(model, bank: torch.Tensor, rows: torch.Tensor, grid: tuple, masks
     weighted, plain = torch.cat(weighted).numpy(), torch.cat(plain).numpy()
     factor = weighted / plain
     px = pixels.compute()
-    return {"bank": int(bank.shape[0]), "image_auroc": image_auroc(labels, weighted),
+    return {"scores": weighted, "bank": int(bank.shape[0]), "image_auroc": image_auroc(labels, weighted),
             "image_auroc_s_star": image_auroc(labels, plain), "pixel_auroc": px["pixel_auroc"],
             "pixel_aupro": px["pixel_aupro"], "weight_median": float(np.median(factor)),
             "weight_min": float(factor.min()), "weight_max": float(factor.max()),
             "s_star_normal": float(np.median(plain[labels == 0])), "s_star_anomalous": float(np.median(plain[labels == 1])),
             "tied_images": int(len(weighted) - len(np.unique(weighted))), "score_s": time.perf_counter() - start}
+
+
+def print_differences(scores: dict[str, np.ndarray], labels: np.ndarray, reference: str) -> None:
+    """Each bank's image AUROC minus the reference bank's, with a 95% paired bootstrap interval."""
+    from adlib.reporting.stats import paired_bootstrap_auroc_difference
+
+    if reference not in scores:
+        return
+    print(f"image AUROC minus {reference}'s, 95% paired bootstrap interval (2,000 resamples of the test images)")
+    for name, values in scores.items():
+        if name == reference:
+            continue
+        result = paired_bootstrap_auroc_difference(labels, values, scores[reference], n_boot=2000)
+        low, high = np.percentile(result["replicates"], [2.5, 97.5])
+        print(f"  {name:34s} {result['difference']:+.4f} [{low:+.4f}, {high:+.4f}]")
 
 
 def main() -> None:
@@ -149,12 +166,18 @@ def main() -> None:
               f"{'weight med [min, max]':>22s} {'s* normal':>9s} {'s* anom':>8s} {'ties':>4s} {'fit s':>6s} {'score s':>7s}")
     print(header)
     print("-" * len(header))
+    scores = {}
     for name, fit_s, bank in banks:
         r = score_bank(model, bank, rows, grid, masks, labels)
+        scores[name] = r["scores"]
         print(f"{name:34s} {r['bank']:8d} {r['image_auroc']:9.4f} {r['image_auroc_s_star']:7.4f} "
               f"{r['pixel_auroc']:8.4f} {r['pixel_aupro']:6.3f} {r['weight_median']:8.4f} "
               f"[{r['weight_min']:.3f}, {r['weight_max']:.3f}] {r['s_star_normal']:9.3f} {r['s_star_anomalous']:8.3f} "
               f"{r['tied_images']:4d} {fit_s:6.0f} {r['score_s']:7.0f}", flush=True)
+    from adlib.models.registry import get_spec
+
+    default_ratio = get_spec("patchcore").model_defaults["coreset_sampling_ratio"]
+    print_differences(scores, labels, reference=f"coreset {default_ratio:g}")
     if args.projection_ratio and coreset_ratios:
         projected = next((b for n, _, b in banks if n == f"coreset {args.projection_ratio:g}"), None)
         if projected is not None:
