@@ -82,3 +82,16 @@ def test_stfpm_save_load_keeps_the_student_only(trained, tmp_path):
     fresh.eval()
     a, b = model.predict(IMAGES), fresh.predict(IMAGES)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+def test_checkpointed_student_trains_to_the_same_weights_and_running_statistics():
+    """Recomputing the student's stages in backward changes memory, not training: the same
+    losses, weights and batch-norm running statistics (counted once per step) as without."""
+    plain = create_model("stfpm", backbone=BACKBONE, pretrained=False, lr=0.05)
+    checkpointed = create_model("stfpm", backbone=BACKBONE, pretrained=False, lr=0.05, checkpoint_student=True)
+    assert train_steps(checkpointed, 3) == pytest.approx(train_steps(plain, 3), rel=1e-6)
+    want, got = plain.student.state_dict(), checkpointed.student.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(got["model.layer1.0.bn1.num_batches_tracked"]) == 3

@@ -40,10 +40,12 @@ class Stfpm(AnomalyModel):
 
     def __init__(self, backbone: str = "resnet18", layers: Sequence[str] = ("layer1", "layer2", "layer3"),
                  lr: float = 0.4, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 normalize: bool = True, pretrained: bool = True, backbone_dir: str | Path | None = None) -> None:
+                 normalize: bool = True, checkpoint_student: bool = False, pretrained: bool = True,
+                 backbone_dir: str | Path | None = None) -> None:
         super().__init__(normalize=normalize)
         self.teacher = FeatureExtractor(backbone, layers, pretrained=pretrained, backbone_dir=backbone_dir)
-        self.student = FeatureExtractor(backbone, layers, pretrained=False, frozen=False)
+        self.student = FeatureExtractor(backbone, layers, pretrained=False, frozen=False,
+                                        checkpoint=checkpoint_student)
         reinitialize_(self.student, STUDENT_SEED)
         self.set_input_stats(self.teacher.mean, self.teacher.std)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
