@@ -76,6 +76,8 @@ def test_bank_search_handles_empty_and_non_finite_queries_and_rejects_bad_shapes
         dist, index = search.search(queries)
     assert torch.isnan(dist[3]) and 0 <= int(index[3]) < 200
     assert search.prefilter
+    dist, index = search.search(torch.full((4, 6), float("nan")))  # a chunk with no candidate at all
+    assert torch.isnan(dist).all() and ((0 <= index) & (index < 200)).all()
     with pytest.raises(ValueError, match=r"must be \[Q, 6\]"):
         search.search(torch.randn(4, 5))
     with pytest.raises(ValueError, match="non-empty"):

@@ -172,18 +172,20 @@ class BankSearch:
         ``None`` as soon as there are more than ``max_count``."""
         rows, cols, values, slack, count = [], [], [], [], 0
         for j, start in enumerate(self.block_starts):
-            hit_rows = (minima[:, j] <= limit[:, j]).nonzero().flatten()
-            if hit_rows.numel() == 0:
-                continue
-            sub = approx[j].index_select(0, hit_rows).float()
-            hits = sub <= limit[hit_rows, j].unsqueeze(1)
-            count += int(torch.count_nonzero(hits))  # (a bool sum would make an int64 copy)
-            if count > max_count:
-                return None
-            r, c = hits.nonzero(as_tuple=True)
-            del hits
-            rows.append(hit_rows[r])
-            cols.append(c + start)
-            values.append(sub[r, c])
-            slack.append(errors[hit_rows[r], j])
+            # rows in pieces: the comparison with float32 limits works on a float32 copy of its rows
+            step = max(1, self.chunk_elements // (4 * approx[j].shape[1]))
+            for piece in (minima[:, j] <= limit[:, j]).nonzero().flatten().split(step):
+                sub = approx[j].index_select(0, piece)
+                hits = sub <= limit[piece, j].unsqueeze(1)
+                count += int(torch.count_nonzero(hits))  # (a bool sum would make an int64 copy)
+                if count > max_count:
+                    return None
+                r, c = hits.nonzero(as_tuple=True)
+                rows.append(piece[r])
+                cols.append(c + start)
+                values.append(sub[r, c].float())
+                slack.append(errors[piece[r], j])
+        if not rows:
+            return tuple(torch.empty(0, dtype=dtype, device=minima.device)
+                         for dtype in (torch.long, torch.long, torch.float32, torch.float32))
         return torch.cat(rows), torch.cat(cols), torch.cat(values), torch.cat(slack)
