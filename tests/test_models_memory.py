@@ -120,6 +120,25 @@ def test_frozen_extractor_runs_large_batches_in_chunks_with_the_same_maps():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_trainable_extractor_chunks_only_when_it_evaluates_without_gradients():
+    from adlib.backbones import FeatureExtractor
+    from adlib.backbones.extractor import FROZEN_CHUNK
+
+    student = FeatureExtractor(BACKBONE, ["layer1", "layer2"], pretrained=False, frozen=False).eval()
+    images = torch.rand(FROZEN_CHUNK + 3, 3, 32, 32)
+    calls = []
+    student.model.register_forward_pre_hook(lambda _module, args: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        chunked = student(images)
+        whole = student.model(images)
+    assert calls == [FROZEN_CHUNK, 3, FROZEN_CHUNK + 3]
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    student.train()(images)[0].sum().backward()  # training: one batch (batch-norm statistics of all images)
+    assert calls == [FROZEN_CHUNK + 3]
+
+
 def test_inverse_covariance_in_position_blocks_equals_all_at_once():
     gen = torch.Generator().manual_seed(1)
     acc = PositionGaussianAccumulator()

@@ -23,9 +23,10 @@ _SEED_LAYER_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 _HALF_STATS_PREFIXES = ("tf_efficientnet_lite",)
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-#: a frozen extractor runs larger batches this many images at a time: its activations (several
-#: hundred MiB for 32 images at 256 px) shrink in proportion, the maps are bit-identical, and on
-#: the CPU a forward of 16 images is as fast per image as one of 32 (8: 1.4x slower)
+#: an extractor without gradients (frozen, or trainable and evaluating) runs larger batches this
+#: many images at a time: its activations (several hundred MiB for 32 images at 256 px) shrink
+#: in proportion, the maps are bit-identical, and on the CPU a forward of 16 images is as fast
+#: per image as one of 32 (8: 1.4x slower)
 FROZEN_CHUNK = 16
 #: provenance "source" of a backbone built with pretrained=False
 RANDOM_SOURCE = "random-init (seed 0)"
@@ -102,7 +103,8 @@ class FeatureExtractor(nn.Module):
     convolutions before them (:mod:`adlib.backbones.folding`), and the network runs on
     channels-last tensors (oneDNN's convolutions: 1.28-1.36x faster on 2 CPU cores for Lite0,
     ResNet18 and Wide-ResNet50, conversions included); the returned maps are ordinary contiguous
-    tensors either way. Batches larger than :data:`FROZEN_CHUNK` are run in chunks of that size.
+    tensors either way. Batches larger than :data:`FROZEN_CHUNK` are run in chunks of that size,
+    by trainable extractors too while they evaluate without gradients.
     ``frozen=False`` gives a trainable copy (e.g. STFPM's student, built with
     ``pretrained=False``); ``checkpoint=True`` makes it recompute each stage's activations in
     the backward pass instead of keeping them (:mod:`adlib.backbones.checkpointing`).
@@ -144,10 +146,11 @@ class FeatureExtractor(nn.Module):
         return super().train(mode and not self.frozen)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.shape[0] > FROZEN_CHUNK and (self.frozen or not (self.training or torch.is_grad_enabled())):
+            # same maps (evaluation-mode networks treat images independently), half the activation memory
+            parts = [self(images[i:i + FROZEN_CHUNK]) for i in range(0, images.shape[0], FROZEN_CHUNK)]
+            return [torch.cat(maps) for maps in zip(*parts)]
         if self.frozen:
-            if images.shape[0] > FROZEN_CHUNK:  # same maps, half the activation memory of a batch of 32
-                parts = [self(images[i:i + FROZEN_CHUNK]) for i in range(0, images.shape[0], FROZEN_CHUNK)]
-                return [torch.cat(maps) for maps in zip(*parts)]
             with torch.no_grad():
                 feats = self.model(images.contiguous(memory_format=torch.channels_last))
             return [feats[j].contiguous() for j in self._pick]
