@@ -289,14 +289,14 @@ class AnomalyModel(nn.Module):
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load :meth:`saved_state` output, resizing buffers whose size was data-dependent."""
         own = dict(self.named_buffers())
-        for key, value in state.items():
-            if key in own and own[key].shape != value.shape:
-                module_name, _, buffer_name = key.rpartition(".")
-                module = self.get_submodule(module_name) if module_name else self
-                module.register_buffer(buffer_name, torch.empty_like(value, device=own[key].device))
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        resized = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
+        for key in resized:  # the loaded tensor becomes the buffer (no second copy)
+            module_name, _, buffer_name = key.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            module.register_buffer(buffer_name, state[key].to(own[key].device, own[key].dtype))
+        missing, unexpected = self.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
         prefixes = tuple(f"{name}." for name in self.frozen_modules)
-        missing = [k for k in missing if not k.startswith(prefixes)]
+        missing = [k for k in missing if not k.startswith(prefixes) and k not in resized]
         if missing or unexpected:
             raise ValueError(f"saved weights do not match {type(self).__name__}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
