@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-#: positions whose float64 covariances are inverted at once (100-d features: 10 MiB)
+#: positions handled at once: covariances inverted in float64 (100-d features: 10 MiB),
+#: Mahalanobis temporaries (``POSITION_BLOCK x batch x D`` float32)
 POSITION_BLOCK = 128
 
 
@@ -75,10 +76,16 @@ class PositionGaussianAccumulator:
             raise ValueError(f"need at least {minimum} training image(s) to fit the Gaussians, got {self.count}")
 
 
-def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor,
+                block: int = POSITION_BLOCK) -> torch.Tensor:
     """Mahalanobis distance of position-major ``[P, B, D]`` features to per-position Gaussians
-    -> ``[B, P]`` (float32, also inside an autocast region)."""
+    -> ``[B, P]`` (float32, also inside an autocast region). Positions are taken ``block`` at a
+    time, so the temporaries are ``block x B x D``, not three more copies of the features."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        delta = (features.float() - mean.float().unsqueeze(1)).contiguous()  # [P, B, D]
-        weighted = torch.bmm(delta, inv_covariance.float())  # [P, B, D]
-        return (weighted * delta).sum(-1).clamp_(min=0.0).sqrt_().transpose(0, 1)
+        squared = torch.empty(features.shape[:2], dtype=torch.float32, device=features.device)  # [P, B]
+        for start in range(0, features.shape[0], block):
+            part = slice(start, start + block)
+            delta = (features[part].float() - mean[part].float().unsqueeze(1)).contiguous()  # [p, B, D]
+            weighted = torch.bmm(delta, inv_covariance[part].float())
+            squared[part] = (weighted * delta).sum(-1)
+        return squared.clamp_(min=0.0).sqrt_().transpose(0, 1)
