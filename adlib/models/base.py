@@ -293,7 +293,7 @@ class AnomalyModel(nn.Module):
         for key in resized:  # the loaded tensor becomes the buffer (no second copy)
             module_name, _, buffer_name = key.rpartition(".")
             module = self.get_submodule(module_name) if module_name else self
-            module.register_buffer(buffer_name, state[key].to(own[key].device, own[key].dtype))
+            module.register_buffer(buffer_name, state[key].to(own[key].device))  # its own dtype, as saved
         missing, unexpected = self.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
         prefixes = tuple(f"{name}." for name in self.frozen_modules)
         missing = [k for k in missing if not k.startswith(prefixes) and k not in resized]
