@@ -38,7 +38,8 @@ def float64_nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Te
 ])
 def test_bank_search_equals_float64_brute_force(prefilter, n_bank, n_query, dim, scale, bank_block):
     bank, queries = clustered(n_bank, n_query, dim, scale, seed=dim)
-    search = BankSearch(bank, prefilter=prefilter, bank_block=bank_block, chunk_elements=50_000)  # many chunks
+    search = BankSearch(bank, prefilter=prefilter, bank_block=bank_block, chunk_elements=50_000,
+                        min_chunk_rows=1)  # many chunks
     dist, index = search.search(queries)
     want_dist, want_index = float64_nearest(queries, bank)
     assert torch.equal(index, want_index)
@@ -114,6 +115,6 @@ def test_items_the_prefilter_cannot_separate_are_searched_in_float32_without_gat
 
 def test_real_like_features_stay_on_the_prefilter():
     bank, queries = clustered(3000, 500, 64, 1.0, seed=3)
-    search = BankSearch(bank, prefilter=True, chunk_elements=200_000)
+    search = BankSearch(bank, prefilter=True, chunk_elements=200_000, min_chunk_rows=1)
     search.search(queries)
     assert search.plain_chunks == 0

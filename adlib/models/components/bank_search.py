@@ -55,7 +55,13 @@ class BankSearch:
 
     ``prefilter``: ``None`` uses the bfloat16 prefilter where :func:`bf16_prefilter_available`,
     ``False`` searches in plain float32 blocks, ``True`` forces the prefilter. ``chunk_elements``
-    bounds the bfloat16 values held at once (queries per chunk = ``chunk_elements // N``).
+    bounds the bfloat16 values held at once: queries per chunk = ``chunk_elements // N``, but
+    at least ``min_chunk_rows`` (narrower products run slower).
+
+    Measured on Lite0 patch features, 32,768 queries, 2 cores (peak above the bank, seconds):
+    a 25,600-item bank 328 MiB / 0.64 s at ``2^26`` elements, 156 MiB / 0.66 s at ``2^24``; a
+    200,000-item bank 216 MiB / 4.39 s at ``2^26`` (335 rows), 5.84 s at ``2^24`` (83 rows),
+    4.61 s at 167 rows.
     """
 
     #: coefficients of the error bound ``(A |q| c_max + B c_max^2) u`` (module docstring)
@@ -67,12 +73,13 @@ class BankSearch:
     max_candidate_share = 1 / 64
 
     def __init__(self, bank: torch.Tensor, *, prefilter: bool | None = None, bank_block: int = 4096,
-                 chunk_elements: int = 1 << 26) -> None:
+                 chunk_elements: int = 1 << 24, min_chunk_rows: int = 192) -> None:
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"BankSearch needs a non-empty [N, D] bank, got shape {tuple(bank.shape)}")
         self.bank = bank.float()
         self.centre = self.bank.mean(dim=0)
         self.chunk_elements = int(chunk_elements)
+        self.min_chunk_rows = int(min_chunk_rows)
         self.plain_chunks = 0  # prefilter chunks decided by the plain search (too many candidates)
         self.prefilter = bf16_prefilter_available(bank.device) if prefilter is None else bool(prefilter)
         self._centred: torch.Tensor | None = None  # float32 search only (the prefilter keeps `sorted`)
@@ -116,7 +123,7 @@ class BankSearch:
             if not self.prefilter or q.shape[0] == 0:
                 index = self._plain(q)
             else:
-                rows = max(1, self.chunk_elements // self.bank.shape[0])
+                rows = max(1, self.min_chunk_rows, self.chunk_elements // self.bank.shape[0])
                 index = torch.cat([self._search_chunk(q[r:r + rows]) for r in range(0, q.shape[0], rows)])
             # the winner's distance directly (no |q|^2 + |c|^2 - 2 q.c cancellation)
             return torch.linalg.vector_norm(q - self.centred_rows(index), dim=1), index
