@@ -47,14 +47,13 @@ def fold_batchnorms(model: nn.Module, channels: int = 3) -> int:
     probe = torch.rand(1, channels, PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(model.parameters()).device)
     try:
-        pairs = _conv_norm_pairs(model, probe)
+        pairs, want = _conv_norm_pairs(model, probe)
     except (RuntimeError, ValueError, AssertionError) as error:  # e.g. a network with a fixed input size
         log.debug("batch norms of %s not folded: the probe forward failed (%s)", type(model).__name__, error)
         return 0
     if not pairs:
         return 0
     with torch.no_grad():
-        want = _flat_outputs(model(probe))
         backup = [(conv.bias, conv.weight.detach().clone()) for conv, *_ in pairs]
         for conv, norm, parent, name in pairs:
             _fold(conv, norm)
@@ -72,8 +71,10 @@ def fold_batchnorms(model: nn.Module, channels: int = 3) -> int:
     return 0
 
 
-def _conv_norm_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Conv2d, _BatchNorm, nn.Module, str]]:
-    """(conv, norm, norm's parent, norm's attribute name) for norms fed by a conv's output."""
+def _conv_norm_pairs(model: nn.Module, probe: torch.Tensor
+                     ) -> tuple[list[tuple[nn.Conv2d, _BatchNorm, nn.Module, str]], list[torch.Tensor]]:
+    """(conv, norm, norm's parent, norm's attribute name) for norms fed by a conv's output, and
+    the model's outputs on the probe."""
     outputs: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
     fed: dict[_BatchNorm, nn.Conv2d] = {}
     seen_convs: dict[nn.Conv2d, int] = {}
@@ -92,14 +93,15 @@ def _conv_norm_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Con
               if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
     try:
         with torch.no_grad():
-            model(probe)
+            outputs_on_probe = _flat_outputs(model(probe))
     finally:
         for hook in hooks:
             hook.remove()
     feeders = [conv for conv in fed.values() if conv is not None]
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    return [(conv, norm, *parents[id(norm)]) for norm, conv in fed.items()
-            if conv is not None and feeders.count(conv) == 1 and seen_convs[conv] == 1 and id(norm) in parents]
+    pairs = [(conv, norm, *parents[id(norm)]) for norm, conv in fed.items()
+             if conv is not None and feeders.count(conv) == 1 and seen_convs[conv] == 1 and id(norm) in parents]
+    return pairs, outputs_on_probe
 
 
 def _fold(conv: nn.Conv2d, norm: _BatchNorm) -> None:
