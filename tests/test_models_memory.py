@@ -284,3 +284,24 @@ def test_patchcore_rejects_bad_options():
         create_model("patchcore", backbone=BACKBONE, pretrained=False, feature_dtype="int8")
     with pytest.raises(RuntimeError, match="not fitted"):
         create_model("patchcore", backbone=BACKBONE, pretrained=False).predict(NORMAL)
+
+
+def test_stages_after_the_deepest_requested_layer_are_not_built_or_run():
+    """timm's EfficientNet feature networks run every stage whatever ``out_indices`` asks for:
+    Lite0's two stages after ``layer3`` cost STFPM's student ~0.5 GB of activations per step."""
+    from adlib.backbones import FeatureExtractor, create_backbone
+
+    layers = ["layer1", "layer3"]
+    student = FeatureExtractor("tf_efficientnet_lite0", layers, pretrained=False, frozen=False).eval()
+    full = create_backbone("tf_efficientnet_lite0", pretrained=False, features_only=True).eval()
+    assert len(student.model.blocks) == 5 < len(full.blocks) == 7  # layer3 is blocks.4's output
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, want = student(images), full(images)
+    assert [m.shape[1] for m in maps] == [24, 112]
+    assert torch.equal(maps[0], want[1]) and torch.equal(maps[1], want[3])  # stride 4 and 16
+    saved_before = {f"student.model.{k}": v for k, v in full.state_dict().items()}  # a run saved with all stages
+    holder = torch.nn.Module()
+    holder.student = student
+    holder.load_state_dict(saved_before, strict=True)
+    assert torch.equal(student.state_dict()["model.blocks.4.0.conv_pw.weight"], full.state_dict()["blocks.4.0.conv_pw.weight"])

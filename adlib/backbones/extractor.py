@@ -97,6 +97,21 @@ def resolve_layers(feature_info, layers: Sequence[str]) -> list[int]:
     return indices
 
 
+def drop_unused_stages(model: nn.Module) -> int:
+    """Remove the stages after the deepest returned one from a timm EfficientNet/MobileNet
+    feature network, which runs all its stages whatever ``out_indices`` asks for; returns how
+    many it removed. (timm's ResNet-style feature networks already stop at their last layer.)"""
+    stages = getattr(model, "_stage_out_idx", None)  # feature stage -> output index; stage s is blocks[s - 1]'s output
+    blocks = getattr(model, "blocks", None)
+    if not stages or not isinstance(blocks, nn.Sequential) or getattr(model, "feature_hooks", None) is not None:
+        return 0
+    keep = max(stages)
+    if keep >= len(blocks):
+        return 0
+    model.blocks = blocks[:keep]
+    return len(blocks) - keep
+
+
 class FeatureExtractor(nn.Module):
     """Returns a list of feature maps, one per requested layer, shallow to deep.
 
@@ -130,6 +145,8 @@ class FeatureExtractor(nn.Module):
         self.reductions = [info.reduction()[j] for j in self._pick]
         self.mean, self.std = input_stats(name)
         self.weights_provenance = self.model.weights_provenance
+        self._kept_blocks = len(self.model.blocks) if drop_unused_stages(self.model) else None
+        self.register_load_state_dict_pre_hook(_without_dropped_stages)
         self.frozen = frozen
         if frozen:
             self.model.eval()
@@ -158,3 +175,13 @@ class FeatureExtractor(nn.Module):
             return [feats[j].contiguous() for j in self._pick]
         feats = self.model(images)
         return [feats[j] for j in self._pick]
+
+
+def _without_dropped_stages(module: FeatureExtractor, state_dict, prefix, *_) -> None:
+    """Runs saved before :func:`drop_unused_stages` hold the weights of the removed stages: ignore them."""
+    if module._kept_blocks is None:
+        return
+    blocks = f"{prefix}model.blocks."
+    for key in [k for k in state_dict if k.startswith(blocks)]:
+        if int(key[len(blocks):].split(".", 1)[0]) >= module._kept_blocks:
+            del state_dict[key]
