@@ -134,8 +134,11 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="train on N augmented copies of the training images")
     parser.add_argument("--release-freed-memory", action="store_true",
                         help="run with keep_freed_memory=False (glibc's allocator defaults)")
+    parser.add_argument("--seed", type=int, help="the runs' seed (default 0)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    settings = ({"keep_freed_memory": False} if args.release_freed_memory else {}) | (
+        {"seed": args.seed} if args.seed is not None else {})
     from adlib.run import prepare_data
 
     root = Path(args.data_root)
@@ -163,7 +166,7 @@ def main() -> None:
             for _ in range(max(1, args.repeats)):
                 loads.append(round(os.getloadavg()[0], 1))
                 runs.append(run_isolated(model, overrides, manifest, cache, work / "runs", root, stages=True,
-                                         settings={"keep_freed_memory": False} if args.release_freed_memory else None))
+                                         settings=settings or None))
         except RunFailed as err:
             print(f"{model}: FAILED\n{err}")
             continue

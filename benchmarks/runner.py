@@ -89,8 +89,8 @@ def _worker(args: argparse.Namespace) -> None:
     if args.stages and not memory_probe.enable():
         sys.exit("--stages: this system cannot reset the peak RSS (/proc/self/clear_refs); Linux only")
     extra = {"backbone_dir": args.backbone_dir} if args.backbone_dir else {}
-    settings = Settings(data_root=args.data_root, output_dir=args.out, device="cpu", seed=0,
-                        **{**json.loads(args.settings), **extra})
+    settings = Settings(**{"data_root": args.data_root, "output_dir": args.out, "device": "cpu", "seed": 0,
+                           **json.loads(args.settings), **extra})
     run_dir = Path(args.out) / args.model
     train_run(args.manifest, args.model, json.loads(args.overrides), run_dir, settings, cache_root=args.cache,
               pretrained=not args.random_init, progress=False)
