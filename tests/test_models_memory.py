@@ -108,9 +108,11 @@ def test_streamed_gaussians_and_mahalanobis_match_numpy():
 
 def test_frozen_extractor_runs_large_batches_in_chunks_with_the_same_maps():
     from adlib.backbones import FeatureExtractor
-    from adlib.backbones.extractor import FROZEN_CHUNK
+    from adlib.backbones.extractor import DEPTHWISE_CHUNK, FROZEN_CHUNK
 
     extractor = FeatureExtractor(BACKBONE, ["layer1", "layer2"], pretrained=False)
+    depthwise = FeatureExtractor("mobilenetv2_050", ["layer1"], pretrained=False)
+    assert (extractor.chunk, depthwise.chunk) == (FROZEN_CHUNK, DEPTHWISE_CHUNK) and DEPTHWISE_CHUNK < FROZEN_CHUNK
     images = torch.rand(FROZEN_CHUNK + 3, 3, 32, 32)
     chunked = extractor(images)
     with torch.no_grad():

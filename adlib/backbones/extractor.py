@@ -25,10 +25,14 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 #: on the CPU an extractor without gradients (frozen, or trainable and evaluating) runs larger
 #: batches this many images at a time: its activations shrink in proportion and the maps are
-#: bit-identical. Lite0 (batch norms folded), 32 images at 256 px, 2 cores: peak +681 MiB whole,
-#: +312 in chunks of 16, +192 in chunks of 8, at 0.174 / 0.164 / 0.162 s per batch; ResNet18
-#: and Wide-ResNet50 lose 0-3% of speed at 8. GPUs run the whole batch.
+#: bit-identical. 32 images at 256 px, batch norms folded, 2 cores, peak / s per batch:
+#: ResNet18 +156 MiB / 0.291 s in chunks of 8, +126 / 0.300 in chunks of 4; Wide-ResNet50
+#: +300 / 1.78 at 8, +249 / 1.88 at 4 (see DEPTHWISE_CHUNK). GPUs run the whole batch.
 FROZEN_CHUNK = 8
+#: the chunk of networks with depthwise convolutions (EfficientNet, MobileNet), whose CPU forward
+#: is bound by memory traffic rather than arithmetic: Lite0 +166-183 MiB / 0.143-0.153 s at 8,
+#: +99-103 / 0.140-0.141 at 4, +60 / 0.141-0.143 at 2 (docs/benchmarks.md)
+DEPTHWISE_CHUNK = 4
 #: provenance "source" of a backbone built with pretrained=False
 RANDOM_SOURCE = "random-init (seed 0)"
 
@@ -97,6 +101,11 @@ def resolve_layers(feature_info, layers: Sequence[str]) -> list[int]:
     return indices
 
 
+def has_depthwise_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` has a depthwise convolution (one group per input channel)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
 def drop_unused_stages(model: nn.Module) -> int:
     """Remove the stages after the deepest returned one from a timm EfficientNet/MobileNet
     feature network, which runs all its stages whatever ``out_indices`` asks for; returns how
@@ -119,8 +128,9 @@ class FeatureExtractor(nn.Module):
     convolutions before them (:mod:`adlib.backbones.folding`), and the network runs on
     channels-last tensors (oneDNN's convolutions: 1.28-1.36x faster on 2 CPU cores for Lite0,
     ResNet18 and Wide-ResNet50, conversions included); the returned maps are ordinary contiguous
-    tensors either way. On the CPU, batches larger than :data:`FROZEN_CHUNK` are run in chunks of
-    that size, by trainable extractors too while they evaluate without gradients.
+    tensors either way. On the CPU, batches larger than ``chunk`` images (:data:`FROZEN_CHUNK`, or
+    :data:`DEPTHWISE_CHUNK` for depthwise networks) are run in chunks of that size, by trainable
+    extractors too while they evaluate without gradients.
     ``frozen=False`` gives a trainable copy (e.g. STFPM's student, built with
     ``pretrained=False``); ``checkpoint=True`` makes it recompute each stage's activations in
     the backward pass instead of keeping them (:mod:`adlib.backbones.checkpointing`).
@@ -148,6 +158,7 @@ class FeatureExtractor(nn.Module):
         self._kept_blocks = len(self.model.blocks) if drop_unused_stages(self.model) else None
         self.register_load_state_dict_pre_hook(_without_dropped_stages)
         self.frozen = frozen
+        self.chunk = DEPTHWISE_CHUNK if has_depthwise_convolutions(self.model) else FROZEN_CHUNK
         if frozen:
             self.model.eval()
             for p in self.model.parameters():
@@ -164,10 +175,10 @@ class FeatureExtractor(nn.Module):
         return super().train(mode and not self.frozen)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if (images.shape[0] > FROZEN_CHUNK and images.device.type == "cpu"
+        if (images.shape[0] > self.chunk and images.device.type == "cpu"
                 and (self.frozen or not (self.training or torch.is_grad_enabled()))):
             # same maps (evaluation-mode networks treat images independently), a fraction of the activations
-            parts = [self(images[i:i + FROZEN_CHUNK]) for i in range(0, images.shape[0], FROZEN_CHUNK)]
+            parts = [self(images[i:i + self.chunk]) for i in range(0, images.shape[0], self.chunk)]
             return [torch.cat(maps) for maps in zip(*parts)]
         if self.frozen:
             with torch.no_grad():
