@@ -6,6 +6,7 @@ the same stride (4, 8, 16, 32).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -155,8 +156,9 @@ class FeatureExtractor(nn.Module):
         self.reductions = [info.reduction()[j] for j in self._pick]
         self.mean, self.std = input_stats(name)
         self.weights_provenance = self.model.weights_provenance
-        self._kept_blocks = len(self.model.blocks) if drop_unused_stages(self.model) else None
-        self.register_load_state_dict_pre_hook(_without_dropped_stages)
+        if drop_unused_stages(self.model):
+            self.register_load_state_dict_pre_hook(functools.partial(_without_dropped_stages,
+                                                                     kept=len(self.model.blocks)))
         self.frozen = frozen
         self.chunk = DEPTHWISE_CHUNK if has_depthwise_convolutions(self.model) else FROZEN_CHUNK
         if frozen:
@@ -188,11 +190,10 @@ class FeatureExtractor(nn.Module):
         return [feats[j] for j in self._pick]
 
 
-def _without_dropped_stages(module: FeatureExtractor, state_dict, prefix, *_) -> None:
-    """Runs saved before :func:`drop_unused_stages` hold the weights of the removed stages: ignore them."""
-    if module._kept_blocks is None:
-        return
+def _without_dropped_stages(_module, state_dict, prefix, *_, kept: int) -> None:
+    """Runs saved before :func:`drop_unused_stages` hold the weights of the removed stages
+    (``blocks.<kept>`` on): ignore them."""
     blocks = f"{prefix}model.blocks."
     for key in [k for k in state_dict if k.startswith(blocks)]:
-        if int(key[len(blocks):].split(".", 1)[0]) >= module._kept_blocks:
+        if int(key[len(blocks):].split(".", 1)[0]) >= kept:
             del state_dict[key]
