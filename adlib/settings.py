@@ -3,7 +3,7 @@
 Resolution order for each field: explicit argument > environment variable > config file >
 default. Environment variables: ADLIB_DATA_ROOT, ADLIB_BACKBONE_DIR, ADLIB_OUTPUT_DIR,
 ADLIB_SEED, ADLIB_NUM_WORKERS, ADLIB_DEVICE, ADLIB_THREADS, ADLIB_CACHE_DIR, ADLIB_KEEP_FREED_MEMORY
-(0/false/no/off or 1/true), ADLIB_SETTINGS (path of a YAML/JSON file).
+(0/false/no/off or 1/true), ADLIB_SCORING_BATCH_SIZE, ADLIB_SETTINGS (path of a YAML/JSON file).
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ _ENV = {
     "cache_dir": "ADLIB_CACHE_DIR",
     "threads": "ADLIB_THREADS",
     "keep_freed_memory": "ADLIB_KEEP_FREED_MEMORY",
+    "scoring_batch_size": "ADLIB_SCORING_BATCH_SIZE",
 }
-_INTEGERS = ("seed", "num_workers", "threads")
+_INTEGERS = ("seed", "num_workers", "threads", "scoring_batch_size")
+_POSITIVE_OR_NONE = ("threads", "scoring_batch_size")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -43,6 +45,9 @@ class Settings:
     #: keep freed CPU buffers in the process for reuse (adlib.allocator: CPU forwards 3x faster;
     #: False gives glibc's defaults: lower peak memory, slower)
     keep_freed_memory: bool = True
+    #: images per batch when scoring (test, calibration, new images); None: the configuration's
+    #: batch size on accelerators, at most ``CPU_SCORING_BATCH`` on the CPU (adlib.run.loaders)
+    scoring_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("data_root", "backbone_dir", "output_dir"):
@@ -51,14 +56,14 @@ class Settings:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
         for name in _INTEGERS:
             value = getattr(self, name)
-            if value is None and name == "threads":
+            if value is None and name in _POSITIVE_OR_NONE:
                 continue
             try:
                 number = int(value)
             except (TypeError, ValueError):
                 raise ValueError(f"setting {name!r} must be an integer, got {value!r}") from None
-            if number < (1 if name == "threads" else 0):
-                raise ValueError(f"setting {name!r} must be {'positive' if name == 'threads' else '>= 0'}, "
+            if number < (1 if name in _POSITIVE_OR_NONE else 0):
+                raise ValueError(f"setting {name!r} must be {'positive' if name in _POSITIVE_OR_NONE else '>= 0'}, "
                                  f"got {number}")
             object.__setattr__(self, name, number)
         if isinstance(self.keep_freed_memory, str):

@@ -35,6 +35,12 @@ def test_model_trains_predicts_and_round_trips(name, tmp_path):
         assert out.maps is not None and out.maps.shape == (3, size, size) and torch.isfinite(out.maps).all()
     else:
         assert out.maps is None
+    # scoring batches may hold any number of images (CPU_SCORING_BATCH): one by one gives the same
+    alone = [model.predict(image[None]) for image in test]
+    torch.testing.assert_close(torch.cat([a.scores for a in alone]), out.scores, rtol=1e-4, atol=1e-5)
+    if model.produces_maps:
+        scale = float(out.maps.abs().max())  # DSR's stacked U-Nets round batch-dependently: 1.5e-4 of 1
+        torch.testing.assert_close(torch.cat([a.maps for a in alone]), out.maps, rtol=1e-4, atol=1e-3 * scale)
 
     cfg = run_config(config, dataset="synthetic", category="widget", seed=0, pretrained=False)
     save_model(tmp_path, model, cfg)

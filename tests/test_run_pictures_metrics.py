@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from adlib.data.synthetic import make_dataset
@@ -15,6 +16,7 @@ from adlib.evaluation.metrics import image_auroc
 from adlib.evaluation.overlay import MIN_PANEL
 from adlib.reporting.leaderboard import build_defect_table
 from adlib.run import evaluate_run, prepare_data, train_run
+from adlib.run.loaders import CPU_SCORING_BATCH, scoring_batch_size
 from adlib.run.pictures import choose_overlays, overlay_scale
 from adlib.settings import Settings
 
@@ -46,6 +48,28 @@ def test_metrics_per_defect_type_are_reported(run):
         assert 0 <= entry["pixel_auroc"] <= 1 and 0 <= entry["pixel_aupro"] <= 1
     table = build_defect_table([run])
     assert sorted(table.defect_type) == types and table.image_auroc.notna().all()
+
+
+def test_scoring_batches_change_memory_not_results(run, tmp_path):
+    """The CPU scores 8 test images at a time whatever the training batch (32 here); another
+    scoring batch gives the same scores and metrics."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["batch_size"] == CPU_SCORING_BATCH < json.loads((run / "config.json").read_text())["train"]["batch_size"]
+    root = run.parent
+    settings = Settings(data_root=root, output_dir=root, device="cpu", seed=0, scoring_batch_size=5)
+    again = tmp_path / "again"
+    evaluate_run(again, root / "m.parquet", settings, cache_root=root / "cache", progress=False, model_dir=run)
+    other = json.loads((again / "metrics.json").read_text())
+    assert other["batch_size"] == 5
+    np.testing.assert_allclose(pd.read_parquet(again / "scores.parquet").score, pd.read_parquet(run / "scores.parquet").score,
+                               rtol=1e-5)
+    assert other["image_auroc"] == metrics["image_auroc"]
+    for key in ("pixel_auroc", "pixel_aupro"):  # the first batch sets the histograms' grid: binning differs
+        assert other[key] == pytest.approx(metrics[key], abs=2e-4), key
+    # accelerators score in the configuration's batches; an explicit setting wins everywhere
+    assert scoring_batch_size({"batch_size": 32}, Settings(), torch.device("cuda")) == 32
+    assert scoring_batch_size({"batch_size": 4}, Settings(), torch.device("cpu")) == 4
+    assert scoring_batch_size({"batch_size": 32}, Settings(scoring_batch_size=16), torch.device("cuda")) == 16
 
 
 def test_overlays_show_every_defect_type_at_a_readable_size(run):

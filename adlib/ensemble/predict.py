@@ -38,7 +38,7 @@ def member_outputs(ensemble: EnsembleArtifact, paths: list[Path], settings: Sett
     scores, maps, largest, order = {}, {}, None, None
     for member in ensemble.members:
         model, config = artifacts.load_model(member.model_dir, backbone_dir=settings.backbone_dir, device=device)
-        loader = prediction_loader(paths, config, settings)
+        loader = prediction_loader(paths, config, settings, device)
         dataset = loader.dataset
         wants_maps = member.label in ensemble.fitted.map_members
         scored = score_images(model, loader, device, with_pixels=False, keep_maps=wants_maps, progress=False)

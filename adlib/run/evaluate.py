@@ -13,7 +13,7 @@ from adlib import artifacts, memory_probe
 from adlib.io import (check_writable, dir_mode, publish_staged, read_json, remove_stale_temporaries,
                       temporary_name, write_json)
 from adlib.run.device import job_device
-from adlib.run.loaders import image_loader, split_of
+from adlib.run.loaders import scoring_loader, split_of
 from adlib.run.pictures import write_pictures
 from adlib.run.scoring import latency_ms_batch1, score_images, timing_conditions
 from adlib.settings import Settings
@@ -56,7 +56,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     if test_df.empty:
         raise DataError(f"manifest {manifest_path} has no test images to evaluate")
     tcfg = config["train"]
-    loader = image_loader(test_df, tcfg, cache_root, settings, shuffle=False)
+    loader = scoring_loader(test_df, tcfg, cache_root, settings, device)
     with memory_probe.stage("scoring"):
         test = score_images(model, loader, device, with_pixels=model.produces_maps, progress=progress,
                             defect_types=test_df["defect_type"].astype(str).tolist())
@@ -70,7 +70,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
                             "was prepared with calibration_fraction 0, or its test split is too small to hold one out "
                             "(each class needs at least 2 test images). Prepare it with a calibration_fraction > 0, "
                             "or use calibration='test'")
-        calib = score_images(model, image_loader(calib_df, tcfg, cache_root, settings, shuffle=False),
+        calib = score_images(model, scoring_loader(calib_df, tcfg, cache_root, settings, device),
                              device, with_pixels=False, progress=progress)
         calib_scores, calib_labels = calib.scores, calib_df["label"].to_numpy()
         if calib.maps is not None and (calib_labels == 0).any():
@@ -87,7 +87,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, settings: Setti
     metrics.update({"inference_ms_b1": latency["median"], "inference_ms_b1_p25": latency["p25"],
                     "inference_ms_b1_p75": latency["p75"], "inference_ms_batch": test.ms_per_image,
                     "inference_ms_batch_p25": test.ms_per_image_spread[0],
-                    "inference_ms_batch_p75": test.ms_per_image_spread[1], "batch_size": int(tcfg["batch_size"]),
+                    "inference_ms_batch_p75": test.ms_per_image_spread[1], "batch_size": int(loader.batch_size),
                     "timing": timing_conditions(), "device": str(device),
                     "produces_maps": bool(model.produces_maps)})
     if not model.produces_maps:

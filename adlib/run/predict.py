@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from adlib import artifacts
 from adlib.evaluation.thresholds import MODEL_METHODS
 from adlib.io import atomic_path, read_json
 from adlib.run.device import job_device
 from adlib.run.evaluate import model_dir_of
-from adlib.run.loaders import image_loader
+from adlib.run.loaders import scoring_loader
 from adlib.run.pictures import overlay_inputs, picture_name
 from adlib.run.scoring import score_images
 from adlib.settings import Settings
@@ -45,13 +46,13 @@ def decision_threshold(metrics: dict, method: str) -> float:
     return found[2]
 
 
-def prediction_loader(paths: list[Path], config: dict, settings: Settings):
+def prediction_loader(paths: list[Path], config: dict, settings: Settings, device: torch.device):
     """New images in a loader at a run's input size, tiled as the run was (labels are unknown:
     0 is a placeholder the scoring never reads)."""
     from adlib.data.manifest import make_manifest, manifest_row
 
     manifest = make_manifest(manifest_row("predict", config["category"], "test", p, "", 0, "unknown") for p in paths)
-    return image_loader(manifest, config["train"], None, settings, shuffle=False)
+    return scoring_loader(manifest, config["train"], None, settings, device)
 
 
 def predict_images(run_dir: str | Path, images: list[str | Path], settings: Settings, *, out_csv: str | Path,
@@ -73,7 +74,7 @@ def predict_images(run_dir: str | Path, images: list[str | Path], settings: Sett
         raise ValueError(f"{config['name']} has no {threshold_method!r} decision rule (only U-Flow has 'nfa'); "
                          "choose another --threshold-method, e.g. percentile_95")
     threshold = 0.0 if own_rule else decision_threshold(metrics, threshold_method)
-    loader = prediction_loader(collect_images(images), config, settings)
+    loader = prediction_loader(collect_images(images), config, settings, device)
     dataset = loader.dataset
     scored = score_images(model, loader, device, with_pixels=False, keep_maps=overlay_dir is not None,
                           progress=False)

@@ -18,7 +18,7 @@ from adlib.io import check_writable, staged_directory, write_json
 from adlib.models.base import AnomalyModel, FitContext
 from adlib.models.registry import ModelSpec, build_model, get_spec, resolve_config
 from adlib.run.device import job_device
-from adlib.run.loaders import auxiliary_streams, image_loader, split_of
+from adlib.run.loaders import auxiliary_streams, image_loader, scoring_loader, split_of
 from adlib.settings import Settings
 from adlib.tiling import model_input_side, prepare_tiled_images, tiled
 from adlib.training import FitData, Validator, fit, seed_everything
@@ -176,7 +176,7 @@ def _validation_source(manifest: pd.DataFrame, split: TrainingSplit, tcfg: dict)
 def _validator(source: str, manifest: pd.DataFrame, validation: DataLoader | None, tcfg: dict,
                cache_root, settings: Settings, device: torch.device) -> Validator:
     if source == "calibration":
-        loader = image_loader(split_of(manifest, "calibration"), tcfg, cache_root, settings, shuffle=False)
+        loader = scoring_loader(split_of(manifest, "calibration"), tcfg, cache_root, settings, device)
         return Validator("calibration_image_auroc", lambda m: _image_auroc(tiled(m, tcfg), loader, device),
                          higher_is_better=True)
     return Validator("validation_loss", lambda m: _mean_loss(m, validation, device), higher_is_better=False)
