@@ -91,12 +91,17 @@ def test_nearest_neighbors_rejects_empty_bank_and_bad_shapes():
         nearest_neighbors(torch.randn(2, 4), torch.randn(3, 5))
 
 
-def test_patch_store_unbounded_keeps_every_row_and_gathers_across_batches():
-    store = PatchStore(torch.float16)
+@pytest.mark.parametrize("expected_rows", [None, 40, 10])  # no hint, the right one, too few
+def test_patch_store_unbounded_keeps_every_row_and_gathers_across_batches(expected_rows):
+    store = PatchStore(torch.float16, expected_rows=expected_rows)
     rows = torch.arange(40, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
-    for start in range(0, 40, 7):
+    store.add(rows[:7], rows[:7, :2] * 10)
+    first_buffer = store.projected().data_ptr()
+    for start in range(7, 40, 7):
         store.add(rows[start:start + 7], rows[start:start + 7, :2] * 10)
     assert len(store) == 40
+    # sized from the hint, the projections are written once where the coreset search reads them
+    assert (store.projected().data_ptr() == first_buffer) == (expected_rows == 40)
     assert torch.equal(store.projected(), rows[:, :2] * 10)
     picked = torch.tensor([39, 0, 8, 7, 21])
     assert torch.equal(store.gather(picked), rows[picked])  # float16 holds small integers exactly

@@ -12,8 +12,9 @@ one, reweighted by how isolated that memory item is (Eq. 7); the map is upsample
 smoothed (sigma 4).
 
 Memory during fitting: full patch features are kept on the CPU in ``feature_dtype`` (float16
-by default) next to their 128-d float32 projections; only the projections enter the coreset
-search, and only the selected rows are turned into the float32 memory bank.
+by default) next to their 128-d float32 projections, in buffers sized once from the number of
+training images; only the projections enter the coreset search (in place), and only the
+selected rows are turned into the float32 memory bank.
 ``max_train_patches`` bounds the collection by reservoir sampling (uniform over all patches).
 """
 from __future__ import annotations
@@ -111,7 +112,9 @@ class PatchCore(AnomalyModel):
     def collect(self, batch: TrainBatch, pass_name: str) -> None:
         rows = to_patch_rows(self.embed(batch.images))
         if self._store is None:
-            self._store = PatchStore(self.feature_dtype, capacity=self.max_train_patches, seed=self._seed)
+            images = self.fit_context.num_train_images if self.fit_context is not None else 0
+            self._store = PatchStore(self.feature_dtype, capacity=self.max_train_patches, seed=self._seed,
+                                     expected_rows=images * rows.shape[0] // batch.images.shape[0] or None)
             if self.projection_dim and self.projection_dim < self.dim:
                 self._projection = gaussian_projection(self.dim, self.projection_dim, self._seed, device=rows.device)
         projected = rows @ self._projection if self._projection is not None else rows

@@ -1,9 +1,12 @@
 """CPU storage for the patch features a memory model collects before building its bank.
 
 Each row is kept twice: the full feature (``dtype``, float16 by default: half the memory of
-float32) and a low-dimensional float32 projection used to select the coreset. With
-``capacity`` set, a seeded reservoir sample (Vitter's algorithm R) keeps a uniform random
-subset of at most ``capacity`` rows, so memory stays bounded for any number of images.
+float32) and a low-dimensional float32 projection used to select the coreset. Both live in one
+buffer each, so the coreset search reads the projections where they were written: with
+``expected_rows`` (the rows the training images will give) the buffers are allocated once at
+that size (untouched pages cost no memory), otherwise they double when full. With ``capacity``
+set, a seeded reservoir sample (Vitter's algorithm R) keeps a uniform random subset of at most
+``capacity`` rows, so memory stays bounded for any number of images.
 """
 from __future__ import annotations
 
@@ -11,15 +14,17 @@ import torch
 
 
 class PatchStore:
-    def __init__(self, dtype: torch.dtype = torch.float16, capacity: int | None = None, seed: int = 0) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float16, capacity: int | None = None, seed: int = 0,
+                 expected_rows: int | None = None) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be a positive number of patches, got {capacity}")
         self.dtype = dtype
         self.capacity = capacity
+        self.expected_rows = expected_rows
         self.seen = 0  # rows offered so far
         self._gen = torch.Generator().manual_seed(int(seed))
-        self._full: list[torch.Tensor] = []
-        self._proj: list[torch.Tensor] = []
+        self._full: torch.Tensor | None = None
+        self._proj: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity) if self.capacity is not None else self.seen
@@ -28,20 +33,32 @@ class PatchStore:
         """Store ``[n, D]`` features and their ``[n, p]`` projections (any device)."""
         if features.shape[0] != projected.shape[0]:
             raise ValueError("features and projections must have the same number of rows")
-        full = features.detach().to("cpu", self.dtype)
-        proj = projected.detach().to("cpu", torch.float32)
-        if self.capacity is None:
-            self._full.append(full)
-            self._proj.append(proj)
-            self.seen += full.shape[0]
+        n = features.shape[0]
+        if self._full is None:
+            rows = self.capacity or max(self.expected_rows or 0, n)
+            self._full = torch.empty(rows, features.shape[1], dtype=self.dtype)
+            self._proj = torch.empty(rows, projected.shape[1], dtype=torch.float32)
+        if self.capacity is not None:
+            self._reservoir_add(features.detach().to("cpu", self.dtype), projected.detach().to("cpu", torch.float32))
             return
-        if not self._full:  # preallocate once; untouched pages cost no memory
-            self._full = [torch.empty(self.capacity, full.shape[1], dtype=self.dtype)]
-            self._proj = [torch.empty(self.capacity, proj.shape[1], dtype=torch.float32)]
-        self._reservoir_add(full, proj)
+        self._make_room(self.seen + n)
+        self._full[self.seen:self.seen + n].copy_(features.detach())  # converts dtype and device
+        self._proj[self.seen:self.seen + n].copy_(projected.detach())
+        self.seen += n
+
+    def _make_room(self, rows: int) -> None:
+        """Grow both buffers (at least doubling) to hold ``rows`` rows."""
+        if rows <= self._full.shape[0]:
+            return
+        size = max(rows, 2 * self._full.shape[0])
+        for name in ("_full", "_proj"):
+            old = getattr(self, name)
+            grown = old.new_empty(size, old.shape[1])
+            grown[:self.seen] = old[:self.seen]
+            setattr(self, name, grown)
 
     def _reservoir_add(self, full: torch.Tensor, proj: torch.Tensor) -> None:
-        store_full, store_proj = self._full[0], self._proj[0]
+        store_full, store_proj = self._full, self._proj
         n = full.shape[0]
         fill = max(0, min(n, self.capacity - self.seen))
         if fill:
@@ -66,31 +83,17 @@ class PatchStore:
         self.seen += n
 
     def projected(self) -> torch.Tensor:
-        """All kept projections, ``[len(self), p]`` float32."""
-        if not self._proj:
+        """All kept projections, ``[len(self), p]`` float32 (a view of the store's buffer)."""
+        if self._proj is None:
             raise ValueError("no patches were collected")
-        if self.capacity is not None:
-            return self._proj[0][:len(self)]
-        if len(self._proj) > 1:  # consolidate once, freeing the pieces
-            self._proj = [torch.cat(self._proj)]
-        return self._proj[0]
+        return self._proj[:len(self)]
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Full features of the kept rows ``indices`` (in that order), as float32."""
-        if not self._full:
+        if self._full is None:
             raise ValueError("no patches were collected")
-        indices = indices.to("cpu", torch.long)
-        if self.capacity is not None or len(self._full) == 1:
-            return self._full[0][indices].float()
-        sizes = torch.tensor([c.shape[0] for c in self._full])
-        starts = torch.cumsum(sizes, 0) - sizes
-        chunk_of = torch.searchsorted(starts, indices, right=True) - 1
-        out = torch.empty(indices.numel(), self._full[0].shape[1], dtype=torch.float32)
-        for c in torch.unique(chunk_of).tolist():
-            where = torch.nonzero(chunk_of == c).squeeze(1)
-            out[where] = self._full[c][indices[where] - starts[c]].float()
-        return out
+        return self._full[:len(self)][indices.to("cpu", torch.long)].float()
 
     def clear(self) -> None:
-        self._full, self._proj = [], []
+        self._full = self._proj = None
         self.seen = 0
