@@ -135,10 +135,13 @@ def main() -> None:
     parser.add_argument("--release-freed-memory", action="store_true",
                         help="run with keep_freed_memory=False (glibc's allocator defaults)")
     parser.add_argument("--seed", type=int, help="the runs' seed (default 0)")
+    parser.add_argument("--scoring-batch-size", type=int,
+                        help="images per scoring batch (default: the CPU's, adlib.run.loaders.CPU_SCORING_BATCH)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     settings = ({"keep_freed_memory": False} if args.release_freed_memory else {}) | (
-        {"seed": args.seed} if args.seed is not None else {})
+        {"seed": args.seed} if args.seed is not None else {}) | (
+        {"scoring_batch_size": args.scoring_batch_size} if args.scoring_batch_size else {})
     from adlib.run import prepare_data
 
     root = Path(args.data_root)

@@ -51,7 +51,7 @@ def test_metrics_per_defect_type_are_reported(run):
 
 
 def test_scoring_batches_change_memory_not_results(run, tmp_path):
-    """The CPU scores 8 test images at a time whatever the training batch (32 here); another
+    """The CPU scores 16 test images at a time whatever the training batch (32 here); another
     scoring batch gives the same scores and metrics."""
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["batch_size"] == CPU_SCORING_BATCH < json.loads((run / "config.json").read_text())["train"]["batch_size"]

@@ -43,9 +43,10 @@ def image_loader(manifest: pd.DataFrame, train_cfg: dict, cache_root: str | Path
 
 
 #: images per scoring batch on the CPU. Scoring treats images independently, so the batch only
-#: sets how much is alive at once: at 8 instead of 32, PaDiM's and PatchCore's scoring peaks
-#: are about 230 MiB lower at the same speed (docs/benchmarks.md, "Memory")
-CPU_SCORING_BATCH = 8
+#: sets how much is alive at once and how often per-batch work (PaDiM's inverse covariances,
+#: PatchCore's bank) is read: at 16 instead of 32, PaDiM's and PatchCore's scoring peaks are
+#: 80-200 MiB lower and no slower; 8 is lower still but 10-25% slower (docs/benchmarks.md, "Memory")
+CPU_SCORING_BATCH = 16
 
 
 def scoring_batch_size(train_cfg: dict, settings: Settings, device: torch.device) -> int:
