@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     add_data_options(parser)
     parser.add_argument("--set", action="append", default=None,
-                        help=f"MODEL:KEY=VALUE override (repeatable); default {' '.join(DEFAULT_SETS)}")
+                        help=f"MODEL:KEY=VALUE override (repeatable), on top of {' '.join(DEFAULT_SETS)}")
     parser.add_argument("--no-backbone-override", nargs="*", default=["autoencoder", "draem"])
     parser.add_argument("--repeats", type=int, default=1, help="runs per model (medians reported)")
     parser.add_argument("--max-train", type=int, help="keep a seeded random N of the training images")
@@ -159,7 +159,7 @@ def main() -> None:
         if count:
             keep_subset(manifest, split, count)
     print(f"prepare (index + decode cache): {time.perf_counter() - start:.1f} s   work dir {work}")
-    sets = parse_sets(DEFAULT_SETS if args.set is None else args.set)
+    sets = parse_sets(DEFAULT_SETS + (args.set or []))  # later values win: --set adds to the defaults
 
     rows = []
     for model in args.models:
