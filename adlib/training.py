@@ -161,10 +161,20 @@ class Stepper:
              update: bool = True) -> None:
         """zero_grad -> scaled backward -> unscale -> clip -> optimiser step -> (scaler update) ->
         step-interval scheduler."""
-        spec = self.specs[self.index(which)]
-        _check_finite(loss, f"loss '{spec.loss}'")
-        spec.optimizer.zero_grad(set_to_none=True)
+        self.specs[self.index(which)].optimizer.zero_grad(set_to_none=True)
+        self.backward(loss, which, retain_graph=retain_graph)
+        self.apply(which, update=update)
+
+    def backward(self, loss: torch.Tensor, which: int | str = 0, *, retain_graph: bool = False) -> None:
+        """Add ``loss``'s (scaled) gradients to what the optimiser's parameters hold: once per
+        micro-batch, then one :meth:`apply`."""
+        _check_finite(loss, f"loss '{self.specs[self.index(which)].loss}'")
         self.scaler.scale(loss).backward(retain_graph=retain_graph)
+
+    def apply(self, which: int | str = 0, *, update: bool = True) -> None:
+        """Unscale -> clip -> optimiser step -> (scaler update) -> step-interval scheduler, on the
+        gradients the backward passes left."""
+        spec = self.specs[self.index(which)]
         if self.grad_clip_norm is not None:
             self.scaler.unscale_(spec.optimizer)
             params = [p for group in spec.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -251,12 +261,13 @@ def fit(model: AnomalyModel, data: FitData | DataLoader, context: FitContext, *,
         num_epochs: int | None = 1, max_steps: int | None = None, amp: bool = True,
         grad_clip_norm: float | None = None, validator: Validator | None = None, validate_every: int | None = None,
         early_stopping_patience: int | None = None, early_stopping_target: float | None = None,
-        progress: bool = True) -> FitReport:
+        micro_batch_size: int | None = None, progress: bool = True) -> FitReport:
     """Train ``model``; return timing, losses and memory.
 
     ``context`` gives the device, seed and image size; the epochs and steps this fit runs are
     filled in here. ``validator`` (with ``validate_every``) drives early stopping; without it,
-    early stopping watches the epoch's mean training loss.
+    early stopping watches the epoch's mean training loss. ``micro_batch_size`` (CPU only, like
+    ``amp`` on CUDA only): see :func:`_micro_batch_step`.
     """
     data = data if isinstance(data, FitData) else FitData(train=data)
     device = context.device
@@ -285,7 +296,8 @@ def fit(model: AnomalyModel, data: FitData | DataLoader, context: FitContext, *,
                                      higher_is_better=validator.higher_is_better if validator else False)
             _gradient_epochs(model, data, device, report, total=total, epochs=epochs,
                              amp=amp and device.type == "cuda", grad_clip_norm=grad_clip_norm, validator=validator,
-                             validate_every=validate_every, stopper=stopper, progress=progress)
+                             validate_every=validate_every, stopper=stopper,
+                             micro_batch_size=micro_batch_size if device.type == "cpu" else None, progress=progress)
             _check_weights(model)
         _data_passes(model, data, "after", device, report, progress)
     model.eval()
@@ -335,11 +347,15 @@ def _check_weights(model: AnomalyModel) -> None:
 
 def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitReport, *, total: int, epochs: int,
                      amp: bool, grad_clip_norm: float | None, validator: Validator | None,
-                     validate_every: int | None, stopper: _EarlyStopping, progress: bool) -> None:
+                     validate_every: int | None, stopper: _EarlyStopping, micro_batch_size: int | None,
+                     progress: bool) -> None:
     from tqdm.auto import tqdm
 
     stepper = Stepper(as_specs(model.configure_optimizers()), amp=amp, grad_clip_norm=grad_clip_norm,
                       device_type=device.type)
+    problem = micro_batch_size and micro_batch_problem(model, stepper.specs)
+    if problem:
+        raise ValueError(problem)
     bar = tqdm(total=total, disable=not progress, desc=f"train {type(model).__name__}", leave=False)
     index, phase = 0, phase_at(0, total, model.phases)
     for epoch in range(epochs):
@@ -349,10 +365,15 @@ def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitRepo
             phase = phase_at(index, total, model.phases)
             step = Step(index=index, epoch=epoch, total=total, phase=phase)
             train_batch = to_train_batch(batch, device, data.aux)
-            with torch.autocast(device_type=device.type, enabled=amp):
-                out = model.training_step(train_batch, step, stepper if model.manual_optimization else None)
+            split = bool(micro_batch_size) and len(stepper.active(phase)) == 1
+            if split:
+                out = _micro_batch_step(model, train_batch, step, stepper, micro_batch_size,
+                                        lambda: torch.autocast(device_type=device.type, enabled=amp))
+            else:
+                with torch.autocast(device_type=device.type, enabled=amp):
+                    out = model.training_step(train_batch, step, stepper if model.manual_optimization else None)
             out = out if isinstance(out, dict) else {"loss": out}
-            if not model.manual_optimization:
+            if not model.manual_optimization and not split:
                 active = stepper.active(phase)
                 for position, i in enumerate(active):
                     last = position == len(active) - 1
@@ -385,6 +406,44 @@ def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitRepo
         report.stop_reason = f"completed {index} of {total} steps"
     report.optimizer_steps = stepper.optimizer_steps
     bar.close()
+
+
+def micro_batch_problem(model: AnomalyModel, specs: list[OptimizerSpec]) -> str | None:
+    """Why ``model`` cannot train in micro-batches (None: it can): they need one optimiser
+    stepped per batch by the loop."""
+    name = type(model).__name__
+    if model.manual_optimization:
+        return (f"micro_batch_size: {name} steps its optimisers itself, so the loop cannot cut its batches into "
+                "micro-batches; drop micro_batch_size (or lower batch_size)")
+    for phase, _ in model.phases:
+        active = [s.loss for s in specs if s.phase is None or s.phase == phase]
+        if len(active) > 1:
+            return (f"micro_batch_size: {name} steps {len(active)} optimisers on every batch ({', '.join(active)}), "
+                    "and micro-batches accumulate the gradients of one; drop micro_batch_size (or lower batch_size)")
+    return None
+
+
+def _micro_batch_step(model: AnomalyModel, batch: TrainBatch, step: Step, stepper: Stepper, size: int,
+                      autocast: Callable) -> dict[str, torch.Tensor]:
+    """One optimiser step on ``batch`` cut into parts of ``size`` images, so that only one part's
+    activations are alive at a time. Each part's loss, weighted by its share of the batch, adds
+    its gradients, which is the whole batch's gradient for losses that are means over images;
+    batch-norm layers in training mode see each part's statistics. Returns the batch's losses
+    (the weighted sums, detached) for logging."""
+    (which,) = stepper.active(step.phase)
+    key = stepper.specs[which].loss
+    stepper.specs[which].optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, torch.Tensor] = {}
+    for part in batch.split(size):
+        with autocast():
+            out = model.training_step(part, step)
+        out = out if isinstance(out, dict) else {"loss": out}
+        share = len(part) / len(batch)
+        stepper.backward(out[key] * share, which)
+        for name, value in out.items():
+            totals[name] = totals.get(name, 0.0) + share * value.detach().float().mean()
+    stepper.apply(which)
+    return totals
 
 
 def _check_stop(model, report: FitReport, stopper: _EarlyStopping, epoch: int, validator: Validator | None,

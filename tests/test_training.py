@@ -382,3 +382,41 @@ def test_early_stopping_on_training_loss_without_validation():
     # lr=0 keeps the loss flat, so patience 2 stops after 3 epochs
     report = fit_on(TinyAE(lr=0.0), IMAGES, num_epochs=20, early_stopping_patience=2)
     assert report.stopped_early and report.epochs_run == 3
+
+
+# ---------------------------------------------------------------------------------------------- micro-batches
+def test_micro_batches_give_the_whole_batchs_step_with_a_quarter_of_the_images_alive():
+    whole, split = TinyAE(), TinyAE()
+    split.load_state_dict(whole.state_dict())
+    whole_report = fit_on(whole, IMAGES, batch_size=12, num_epochs=3)
+    split_report = fit_on(split, IMAGES, batch_size=12, num_epochs=3, micro_batch_size=3)
+    assert [len(b) for b in whole.batches] == [12] * 3 and [len(b) for b in split.batches] == [3] * 12
+    assert split_report.optimizer_steps == whole_report.optimizer_steps == 3
+    for name, param in whole.named_parameters():  # the same three SGD steps: losses are means over images
+        torch.testing.assert_close(split.state_dict()[name], param.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("loss", "half"):  # logged as the whole batch's values
+        assert split_report.loss_terms[key] == pytest.approx(whole_report.loss_terms[key], rel=1e-5)
+
+
+def test_micro_batches_keep_labels_masks_and_auxiliary_batches_in_step():
+    images, labels = IMAGES[:8], torch.arange(8)
+    masks = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 16, 16)
+    aux = {"textures": torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16)}
+    parts = TrainBatch(images, labels, masks, aux).split(3)
+    assert [len(p) for p in parts] == [3, 3, 2]
+    assert torch.equal(torch.cat([p.images for p in parts]), images)
+    assert [p.labels.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [p.masks[:, 0, 0, 0].tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [p.aux["textures"][:, 0, 0, 0].tolist() for p in parts] == [[0, 1], [2], [3]]
+    with pytest.raises(ValueError, match="textures hold fewer images.*raise micro_batch_size"):
+        TrainBatch(images, labels, masks, aux).split(1)
+
+
+def test_micro_batches_are_refused_where_the_loop_cannot_accumulate_one_optimisers_gradients():
+    with pytest.raises(ValueError, match="TwoPlayers steps 2 optimisers on every batch"):
+        fit_on(TwoPlayers(), IMAGES[:4], num_epochs=1, micro_batch_size=2)
+    with pytest.raises(ValueError, match="FiberModel steps its optimisers itself"):
+        fit_on(FiberModel(), IMAGES, num_epochs=1, micro_batch_size=2)
+    model = Phased()  # one optimiser per phase: each phase's optimiser accumulates its parts
+    report = fit_on(model, IMAGES, num_epochs=4, micro_batch_size=2)
+    assert report.optimizer_steps == report.steps == 12

@@ -27,6 +27,12 @@ What a model declares (class attributes unless noted):
   ``"nfa"``), reported in threshold tables beside the fitted thresholds; ``predict`` then fills
   :attr:`AnomalyOutput.decision`.
 
+Micro-batches: with the training key ``micro_batch_size`` (CPU runs) the loop cuts each batch
+into parts (:meth:`TrainBatch.split`), calls :meth:`training_step` once per part and weights
+each part's losses by its share of the batch before one optimiser step. That is the whole
+batch's gradient only for losses that are means over images (batch-norm layers in training
+mode see each part's statistics), so a model sets it in its defaults only where that holds.
+
 Prediction: :meth:`predict` takes images in [0, 1] (``B x 3 x H x W``) and returns one score
 per image and, unless image-level, an anomaly map at input resolution. Input normalisation is
 the model's own business (``normalize``), so a saved model works on raw images.
@@ -90,6 +96,19 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def split(self, size: int) -> list["TrainBatch"]:
+        """Consecutive parts of at most ``size`` images (micro-batches); each auxiliary batch is
+        cut into as many parts, in order."""
+        images = self.images.split(size)
+        count = len(images)
+        short = [name for name, batch in self.aux.items() if len(batch) < count]
+        if short:
+            raise ValueError(f"cannot cut this batch into {count} micro-batches of {size}: auxiliary stream(s) "
+                             f"{', '.join(short)} hold fewer images than that; raise micro_batch_size")
+        aux = {name: batch.tensor_split(count) for name, batch in self.aux.items()}
+        return [TrainBatch(part, labels, masks, {name: chunks[i] for name, chunks in aux.items()})
+                for i, (part, labels, masks) in enumerate(zip(images, self.labels.split(size), self.masks.split(size)))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ _TRAIN_RANGES = {
     "num_epochs": (1, None), "max_steps": (1, None), "batch_size": (1, None), "img_size": (16, 8192),
     "center_crop": (16, 8192), "grad_clip_norm": (0, None), "early_stopping_patience": (1, None),
     "validate_every": (1, None), "validation_fraction": (0, 1), "labelled_fraction": (0, 1),
+    "micro_batch_size": (1, None),
 }
 _EXCLUSIVE_LOW = {"grad_clip_norm"}
 _EXCLUSIVE_HIGH = {"validation_fraction", "labelled_fraction"}
@@ -75,6 +76,10 @@ def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build
     if config.train.get("tile_size") is not None and not model.produces_maps:
         return [Problem("tile_size", f"{spec.name} scores whole images only (no anomaly maps), so it cannot be "
                                      "tiled: drop tile_size, or choose a model that produces maps")]
+    if config.train.get("micro_batch_size") is not None and model.learns_by == "gradient":
+        problem = _micro_batch_problem(model)
+        if problem:
+            problems.append(Problem("micro_batch_size", problem.removeprefix("micro_batch_size: ")))
     try:
         _predict_on_meta(model, side)
     except (ValueError, TypeError) as err:
@@ -82,6 +87,18 @@ def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build
     except Exception:  # noqa: BLE001 - see the module docstring
         pass
     return problems
+
+
+def _micro_batch_problem(model) -> str | None:
+    """Whether a meta-built gradient model can train in micro-batches (its optimisers, where
+    they can be built before a fit, say how many step on each batch)."""
+    from adlib.training import as_specs, micro_batch_problem
+
+    try:
+        specs = as_specs(model.configure_optimizers())
+    except Exception:  # noqa: BLE001 - optimisers that need the fit's schedule: the loop checks them
+        specs = []
+    return micro_batch_problem(model, specs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ class TrainDefaults:
     early_stopping_target: float | None = None  # stop once the validation metric reaches this
     validate_every: int | None = None  # epochs between validation checks (None: never)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    micro_batch_size: int | None = None  # CPU: cut each batch into parts this big, one optimiser step (ignored on CUDA)
     # tiling (docs/tiling.md): set tile_size to train on tiles and predict tile by tile on full images
     tile_size: int | None = None  # side of a tile, the model's input (img_size and center_crop are unused)
     tile_stride: int | None = None  # pixels between tiles (None: tile_size, no overlap)

@@ -133,7 +133,8 @@ def train_run(manifest_path: str | Path | Sequence[str | Path], model_name: str,
                  max_steps=tcfg.get("max_steps"), amp=bool(tcfg.get("amp", True)),
                  grad_clip_norm=tcfg.get("grad_clip_norm"), validator=validator,
                  validate_every=tcfg.get("validate_every"), early_stopping_patience=tcfg.get("early_stopping_patience"),
-                 early_stopping_target=tcfg.get("early_stopping_target"), progress=progress)
+                 early_stopping_target=tcfg.get("early_stopping_target"),
+                 micro_batch_size=tcfg.get("micro_batch_size"), progress=progress)
 
     log.info("fit done in %.1f s: %d epochs, %d steps (%s)%s; peak RSS %.0f MiB", report.fit_seconds,
              report.epochs_run, report.steps, report.stop_reason or "one pass",
