@@ -32,6 +32,7 @@ def test_stfpm_defaults_follow_the_paper():
     assert cfg.model["backbone"] == "resnet18" and cfg.model["layers"] == ["layer1", "layer2", "layer3"]
     assert (cfg.model["lr"], cfg.model["momentum"], cfg.model["weight_decay"]) == (0.4, 0.9, 1e-4)
     assert cfg.train["num_epochs"] == 100 and cfg.train["batch_size"] == 32
+    assert cfg.train["micro_batch_size"] == 8  # adlib, CPU memory: docs/models.md
     optimizer = create_model("stfpm", backbone=BACKBONE, pretrained=False).configure_optimizers()[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.4
 
@@ -95,3 +96,14 @@ def test_checkpointed_student_trains_to_the_same_weights_and_running_statistics(
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
     assert int(got["model.layer1.0.bn1.num_batches_tracked"]) == 3
+
+
+def test_micro_batches_run_the_student_on_parts_and_step_once_per_batch():
+    """The registered CPU default cuts each batch: the student sees parts of at most
+    micro_batch_size images, one optimiser step per batch, and the loss still falls."""
+    model = create_model("stfpm", backbone=BACKBONE, pretrained=False, lr=0.05)
+    sizes = []
+    model.student.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    report = fit_on(model, IMAGES, batch_size=4, num_epochs=3, micro_batch_size=2)
+    assert sizes == [2] * 6 and report.optimizer_steps == 3
+    assert report.loss_history[-1] < report.loss_history[0]

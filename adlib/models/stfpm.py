@@ -77,6 +77,7 @@ register(ModelSpec(
     name="stfpm", cls=Stfpm, family="distillation",
     paper="Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021, "
           "arXiv:2103.04257",
-    train=TrainDefaults(num_epochs=100, batch_size=32, img_size=256),
+    # CPU: the student's saved activations for 8 images at a time, not 32 (docs/models.md, Memory)
+    train=TrainDefaults(num_epochs=100, batch_size=32, img_size=256, micro_batch_size=8),
     description="Student regresses a frozen teacher's normalised multi-scale features; product of discrepancy maps.",
 ))
