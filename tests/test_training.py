@@ -420,3 +420,16 @@ def test_micro_batches_are_refused_where_the_loop_cannot_accumulate_one_optimise
     model = Phased()  # one optimiser per phase: each phase's optimiser accumulates its parts
     report = fit_on(model, IMAGES, num_epochs=4, micro_batch_size=2)
     assert report.optimizer_steps == report.steps == 12
+
+
+def test_configurations_that_cannot_train_in_micro_batches_are_refused_before_any_job_runs():
+    from adlib.models.checks import check_config
+
+    [two] = check_config("ganomaly", {"micro_batch_size": 8})
+    [manual] = check_config("cflow", {"micro_batch_size": 8})
+    assert two.key == manual.key == "micro_batch_size"
+    assert "2 optimisers on every batch" in two.message and "steps its optimisers itself" in manual.message
+    assert check_config("stfpm", {"micro_batch_size": 4}) == []
+    assert check_config("dsr", {"micro_batch_size": 4}) == []  # one optimiser per phase
+    [zero] = check_config("stfpm", {"micro_batch_size": 0})
+    assert zero.key == "micro_batch_size" and ">= 1" in zero.message
