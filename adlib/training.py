@@ -155,7 +155,7 @@ class Stepper:
         raise KeyError(f"no optimiser minimises {which!r}; loss keys: {[s.loss for s in self.specs]}")
 
     def active(self, phase: str) -> list[int]:
-        return [i for i, s in enumerate(self.specs) if s.phase is None or s.phase == phase]
+        return [i for i, s in enumerate(self.specs) if s.active_in(phase)]
 
     def step(self, loss: torch.Tensor, which: int | str = 0, *, retain_graph: bool = False,
              update: bool = True) -> None:
@@ -355,7 +355,7 @@ def _gradient_epochs(model: AnomalyModel, data: FitData, device, report: FitRepo
                       device_type=device.type)
     problem = micro_batch_size and micro_batch_problem(model, stepper.specs)
     if problem:
-        raise ValueError(problem)
+        raise ValueError(f"micro_batch_size: {problem}")
     bar = tqdm(total=total, disable=not progress, desc=f"train {type(model).__name__}", leave=False)
     index, phase = 0, phase_at(0, total, model.phases)
     for epoch in range(epochs):
@@ -413,13 +413,13 @@ def micro_batch_problem(model: AnomalyModel, specs: list[OptimizerSpec]) -> str 
     stepped per batch by the loop."""
     name = type(model).__name__
     if model.manual_optimization:
-        return (f"micro_batch_size: {name} steps its optimisers itself, so the loop cannot cut its batches into "
-                "micro-batches; drop micro_batch_size (or lower batch_size)")
+        return (f"{name} steps its optimisers itself, so the loop cannot cut its batches into micro-batches; "
+                "drop micro_batch_size (or lower batch_size)")
     for phase, _ in model.phases:
-        active = [s.loss for s in specs if s.phase is None or s.phase == phase]
+        active = [s.loss for s in specs if s.active_in(phase)]
         if len(active) > 1:
-            return (f"micro_batch_size: {name} steps {len(active)} optimisers on every batch ({', '.join(active)}), "
-                    "and micro-batches accumulate the gradients of one; drop micro_batch_size (or lower batch_size)")
+            return (f"{name} steps {len(active)} optimisers on every batch ({', '.join(active)}), and "
+                    "micro-batches accumulate the gradients of one; drop micro_batch_size (or lower batch_size)")
     return None
 
 

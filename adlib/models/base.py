@@ -145,6 +145,9 @@ class OptimizerSpec:
         if self.interval not in ("epoch", "step"):
             raise ValueError(f"OptimizerSpec.interval must be 'epoch' or 'step'; got {self.interval!r}")
 
+    def active_in(self, phase: str) -> bool:
+        return self.phase is None or self.phase == phase
+
 
 @dataclasses.dataclass(frozen=True)
 class DataPass:

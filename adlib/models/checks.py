@@ -79,7 +79,7 @@ def check_config(name: str, overrides: Mapping[str, Any] | None = None, *, build
     if config.train.get("micro_batch_size") is not None and model.learns_by == "gradient":
         problem = _micro_batch_problem(model)
         if problem:
-            problems.append(Problem("micro_batch_size", problem.removeprefix("micro_batch_size: ")))
+            problems.append(Problem("micro_batch_size", problem))
     try:
         _predict_on_meta(model, side)
     except (ValueError, TypeError) as err:
